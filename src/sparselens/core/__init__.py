@@ -1,0 +1,1 @@
+"""Pure tensor math shared by every capability: one formula, one place."""
