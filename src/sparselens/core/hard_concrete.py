@@ -197,11 +197,14 @@ def mean(
 
 
 def _mean_flat(a: Tensor, beta: float, gamma: float, zeta: float, x: Tensor, w: Tensor) -> Tensor:
-    lo_const = beta * math.log(-gamma / zeta) if gamma < 0 else -math.inf
-    hi_const = beta * math.log((1 - gamma) / (zeta - 1)) if zeta > 1 else math.inf
+    # Without stretch (gamma = 0 or zeta = 1) the gate saturates only asymptotically: cut where
+    # (L + a)/beta = -+_MEAN_TAIL (gate within 5e-18 of 0 or 1), so that the panels resolve the
+    # transition at small beta (cutting at L = -+_MEAN_TAIL gave errors ~2e-3 at beta = 0.05).
+    lo_const = beta * math.log(-gamma / zeta) if gamma < 0 else -_MEAN_TAIL * beta
+    hi_const = beta * math.log((1 - gamma) / (zeta - 1)) if zeta > 1 else _MEAN_TAIL * beta
     l0 = (lo_const - a).clamp(-_MEAN_TAIL, _MEAN_TAIL)
     l1 = (hi_const - a).clamp(-_MEAN_TAIL, _MEAN_TAIL)
-    upper_mass = torch.sigmoid(-(hi_const - a)) if zeta > 1 else torch.zeros_like(a)
+    upper_mass = torch.sigmoid(-(hi_const - a))
     # panels of [l0, l1]; nodes shape (n, panels * nodes)
     k = torch.arange(_MEAN_PANELS, dtype=torch.float64, device=a.device)
     width = (l1 - l0) / _MEAN_PANELS

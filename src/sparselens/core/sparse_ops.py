@@ -76,7 +76,7 @@ def fingerprint(csr: sp.csr_array) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(csr.shape, dtype=np.int64).tobytes())
     h.update(str(csr.dtype).encode())
-    for arr in (csr.indptr, csr.indices, csr.data):
+    for arr in (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
 

@@ -1,0 +1,1 @@
+"""L0 gates (placeholder while the submodules are written)."""
