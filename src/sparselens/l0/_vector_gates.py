@@ -110,7 +110,11 @@ class VectorGatesMixin:
         csr = self._operator(M).csr.tocoo()
         idx = torch.from_numpy(np.vstack([csr.row, csr.col]).astype(np.int64))
         return torch.sparse_coo_tensor(
-            idx, torch.from_numpy(csr.data).float(), csr.shape, device=self.device
+            idx,
+            torch.from_numpy(csr.data).float(),
+            csr.shape,
+            device=self.device,
+            check_invariants=False,
         ).coalesce()
 
     def _generator_state(self) -> Tensor:
