@@ -37,7 +37,7 @@ PROD = dict(beta=0.35, init_keep_prob=0.999, init_weights=10.0, log_weight_jitte
 
 
 def test_init_matches_l0_python_formula_bit_for_bit():
-    """log_alpha = logit(p) + sd * randn(n, generator seeded by seed); log_weight = log(w0 + 1e-8)."""
+    """log_alpha = logit(p) + sd * randn(n, seeded generator); log_weight = log(w0 + 1e-8)."""
     model = SparseCalibrationWeights(50, init_keep_prob=0.7, log_alpha_jitter_sd=0.1, seed=123)
     g = torch.Generator().manual_seed(123)
     p = torch.full((50,), 0.7)

@@ -42,7 +42,7 @@ def test_recovers_sparse_support():
 
 
 def test_deterministic_forward_is_x_times_gated_weight_plus_bias():
-    X, y, _ = regression()
+    X, _, _ = regression()
     model = SparseL0Linear(60, seed=0)
     with torch.no_grad():
         model.weight.normal_()
