@@ -78,7 +78,7 @@ def check_finite(name: str, x: torch.Tensor | np.ndarray) -> None:
     """Raise if ``x`` holds NaN or inf, naming ``name`` and the first bad position."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).nonzero()[0][0]) if x.dim() else 0
+            bad = int((~torch.isfinite(x)).reshape(-1).nonzero()[0][0]) if x.dim() else 0
             raise ValueError(f"{name} must be finite (no NaN or inf); first bad entry at {bad}")
     else:
         arr = np.asarray(x)

@@ -42,6 +42,10 @@ class Schedule(BaseModel):
                 "start_frac and end_frac must satisfy 0 <= start_frac <= end_frac <= 1, "
                 f"got {self.start_frac}, {self.end_frac}"
             )
+        if self.kind == "constant" and self.end is not None and self.end != self.start:
+            raise ValueError(
+                f"end must be omitted (or equal start) for a constant schedule, got {self.end}"
+            )
         if self.kind == "exponential" and (self.start * self.final <= 0):
             raise ValueError(
                 f"exponential schedule needs start and end of the same sign and non-zero, "
@@ -68,9 +72,9 @@ class Schedule(BaseModel):
     def at(self, progress: float) -> float:
         """The value at ``progress`` in [0, 1]; held constant outside [start_frac, end_frac]."""
         if progress <= self.start_frac:
-            return self.interpolate(0.0) if self.kind != "constant" else self.start
+            return self.start
         if progress >= self.end_frac:
-            return self.final if self.kind != "constant" else self.start
+            return self.final
         t = (progress - self.start_frac) / (self.end_frac - self.start_frac)
         return self.interpolate(t)
 
