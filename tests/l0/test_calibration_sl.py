@@ -222,6 +222,22 @@ def test_fit_state_dict_resumes_exactly_through_a_file(tmp_path):
     assert resumed.history == full.history
 
 
+def test_refit_after_resume_uses_the_fits_loss_settings(tmp_path):
+    """A checkpoint carries the loss settings, so refit after a resume matches refit in-process."""
+    M, y, _ = survey()
+    groups = np.arange(30) % 3
+    kw = dict(epochs=40, lr=0.1, loss_type="relative_epsilon", relative_floor=2.0)
+    a = SparseCalibrationWeights(M.shape[1], seed=9, **PROD)
+    a.fit(M, y, target_groups=groups, group_multipliers={1: 3.0}, **kw)
+    torch.save(a.fit_state_dict(), tmp_path / "ckpt.pt")
+    b = SparseCalibrationWeights(M.shape[1], **PROD)
+    b.load_fit_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert b.lambda_l0_ == a.lambda_l0_
+    a.refit(M, y, epochs=20)
+    b.refit(M, y, epochs=20)
+    assert torch.equal(a.get_weights(deterministic=True), b.get_weights(deterministic=True))
+
+
 def test_refit_removes_the_gated_bias():
     """Median gates over-predict every target; the refit on the support brings the error to ~0.
 

@@ -57,6 +57,28 @@ def _vector(name: str, value: Any, m: int, device: torch.device, dtype: torch.dt
     return t
 
 
+def _encode_loss_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The last fit's loss settings in a ``torch.load(weights_only=True)``-safe form."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if key == "loss_dtype":
+            out[key] = "float64" if value == torch.float64 else "float32"
+        elif key == "group_multipliers" and value is not None:
+            out[key] = {int(k): float(v) for k, v in value.items()}
+        elif isinstance(value, np.ndarray | list | tuple | Tensor):
+            out[key] = torch.as_tensor(np.asarray(value))
+        else:
+            out[key] = value
+    return out
+
+
+def _decode_loss_args(args: dict[str, Any]) -> dict[str, Any]:
+    out = dict(args)
+    if "loss_dtype" in out:
+        out["loss_dtype"] = torch.float64 if out["loss_dtype"] == "float64" else torch.float32
+    return out
+
+
 class _LossSpec:
     """Per-target scale and weight so that every loss is ``sum_j omega_j (scale_j r_j)^2``."""
 
@@ -632,6 +654,8 @@ class SparseCalibrationWeights(VectorGatesMixin, nn.Module):
             "beta": self.beta,
             "history": copy.deepcopy(self.history),
             "support": None if self._support is None else self._support.clone(),
+            "lambda_l0": self.lambda_l0_,
+            "loss_settings": _encode_loss_args(self._last_loss_args),
         }
 
     def load_fit_state_dict(self, state: dict[str, Any]) -> None:
@@ -643,6 +667,8 @@ class SparseCalibrationWeights(VectorGatesMixin, nn.Module):
         self.beta = float(state["beta"])
         self.history = copy.deepcopy(state["history"])
         self._support = state["support"]
+        self.lambda_l0_ = state.get("lambda_l0")
+        self._last_loss_args = _decode_loss_args(state.get("loss_settings") or {})
         self._optimizer = None
         if state["optimizer"] is not None:
             params = [self.log_weight, self.log_alpha] if self.use_gates else [self.log_weight]
