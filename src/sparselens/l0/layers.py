@@ -38,7 +38,32 @@ def _check_sparsity(init_sparsity: float) -> float:
     return check_number("init_sparsity", init_sparsity, ge=0.0, le=1.0)
 
 
-class L0Linear(nn.Module):
+class _GatedWeightMethods:
+    """Penalty and sparsity methods shared by L0Linear and L0Conv2d (gates in ``_gates``)."""
+
+    weight: nn.Parameter
+    use_l2: bool
+
+    @property
+    def _gates(self) -> HardConcrete:
+        return self.weight_gates  # type: ignore[attr-defined,no-any-return]
+
+    def get_l0_penalty(self) -> Tensor:
+        """Expected number of non-zero gates, ``sum P(z != 0)`` (eq. 12)."""
+        return self._gates.get_penalty()
+
+    def get_l2_penalty(self) -> Tensor:
+        """``sum W^2`` of the ungated weights if ``use_l2``, else a 0-d zero tensor."""
+        if not self.use_l2:
+            return torch.tensor(0.0, device=self.weight.device)
+        return (self.weight**2).sum()
+
+    def get_sparsity(self) -> float:
+        """Expected fraction of zero gates, 1 - mean P(z != 0)."""
+        return self._gates.get_sparsity()
+
+
+class L0Linear(_GatedWeightMethods, nn.Module):
     """``y = x (W * z)^T + b`` with one gate per weight.
 
     Args:
@@ -90,20 +115,6 @@ class L0Linear(nn.Module):
             )
         return F.linear(input, self.weight * self.weight_gates(), self.bias)
 
-    def get_l0_penalty(self) -> Tensor:
-        """Expected number of non-zero weights, ``sum P(z != 0)`` (eq. 12)."""
-        return self.weight_gates.get_penalty()
-
-    def get_l2_penalty(self) -> Tensor:
-        """``sum W^2`` of the ungated weights if ``use_l2``, else a 0-d zero tensor."""
-        if not self.use_l2:
-            return torch.tensor(0.0, device=self.weight.device)
-        return (self.weight**2).sum()
-
-    def get_sparsity(self) -> float:
-        """Expected fraction of zero gates, 1 - mean P(z != 0)."""
-        return self.weight_gates.get_sparsity()
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -111,7 +122,7 @@ class L0Linear(nn.Module):
         )
 
 
-class L0Conv2d(nn.Module):
+class L0Conv2d(_GatedWeightMethods, nn.Module):
     """2-D convolution with gated weights.
 
     ``structured=False``: ``weight_gates = HardConcrete(out_channels, in_channels * kh * kw)``,
@@ -184,19 +195,6 @@ class L0Conv2d(nn.Module):
             gates = self.weight_gates().view(self.weight.shape)
         return F.conv2d(input, self.weight * gates, self.bias, self.stride, self.padding)
 
-    def get_l0_penalty(self) -> Tensor:
-        """Expected number of non-zero gates (weights or filters), eq. 12."""
-        return self._gates.get_penalty()
-
-    def get_l2_penalty(self) -> Tensor:
-        """``sum W^2`` of the ungated weights if ``use_l2``, else a 0-d zero tensor."""
-        if not self.use_l2:
-            return torch.tensor(0.0, device=self.weight.device)
-        return (self.weight**2).sum()
-
-    def get_sparsity(self) -> float:
-        """Expected fraction of zero gates, 1 - mean P(z != 0)."""
-        return self._gates.get_sparsity()
 
 
 class L0DepthwiseConv2d(nn.Module):
