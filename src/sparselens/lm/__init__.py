@@ -1,0 +1,1 @@
+"""Mini-GPT, tokenizers, corpora, samplers and generation (work in progress)."""
