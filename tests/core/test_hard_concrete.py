@@ -383,3 +383,16 @@ def test_dtype_preserved() -> None:
         a = _a(A7, dtype)
         for fn in (hc.median, hc.mean, hc.prob_nonzero, hc.prob_one):
             assert fn(a, 0.5).dtype == dtype
+
+
+def test_keep_prob_logit_matches_l0_python_and_clamps() -> None:
+    """float path = math.log(p/(1-p)) (HardConcrete), tensor path = torch.log(p/(1-p)) (SCW),
+    bit for bit; p = 0 and 1 give finite logits (l0-python: ZeroDivisionError / inf)."""
+    assert hc.keep_prob_logit(0.8) == math.log(0.8 / 0.2)
+    p = torch.tensor([0.1, 0.5, 0.999])
+    assert torch.equal(hc.keep_prob_logit(p), torch.log(p / (1 - p)))
+    ends = hc.keep_prob_logit(torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(ends).all() and ends[1] == -ends[0]
+    assert math.isfinite(hc.keep_prob_logit(1.0))
+    with pytest.raises(ValueError, match="keep probabilit"):
+        hc.keep_prob_logit(torch.tensor([1.5]))

@@ -38,6 +38,28 @@ DEFAULT_GAMMA = -0.1
 DEFAULT_ZETA = 1.1
 
 
+KEEP_PROB_CLAMP = 1e-6
+"""Initial keep probabilities are clamped into ``[1e-6, 1 - 1e-6]`` before their logit."""
+
+
+def keep_prob_logit(p: float | Tensor) -> float | Tensor:
+    """``log alpha = logit(p) = log(p / (1 - p))`` of an initial keep probability ``p`` in [0, 1].
+
+    ``p`` is clamped into ``[1e-6, 1 - 1e-6]`` (``|logit| <= 13.8``) so that 0 and 1 give finite,
+    still trainable logits. A float is computed in float64 (python ``math``), a tensor in its own
+    dtype: both match l0-python bit for bit inside the clamp. ``sigmoid(log alpha) = p`` is *not*
+    the initial P(z != 0) (see :func:`prob_nonzero`).
+    """
+    if isinstance(p, Tensor):
+        if not bool(torch.isfinite(p).all()) or bool(((p < 0) | (p > 1)).any()):
+            raise ValueError("keep probabilities must be finite and in [0, 1]")
+        q = p.clamp(KEEP_PROB_CLAMP, 1 - KEEP_PROB_CLAMP)
+        return torch.log(q / (1 - q))
+    q = check_number("keep probability", p, ge=0.0, le=1.0)
+    q = min(max(q, KEEP_PROB_CLAMP), 1.0 - KEEP_PROB_CLAMP)
+    return math.log(q / (1 - q))
+
+
 def _check(beta: float, gamma: float, zeta: float) -> None:
     check_number("beta (temperature)", beta, gt=0.0)
     check_stretch(gamma, zeta)

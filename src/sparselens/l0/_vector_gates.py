@@ -17,7 +17,7 @@ from sparselens.core import hard_concrete as hc
 from sparselens.core.checks import check_choice, check_int, check_number, check_stretch
 from sparselens.core.sparse_ops import SparseOperator, fingerprint, to_csr
 
-KEEP_PROB_CLAMP = 1e-6
+KEEP_PROB_CLAMP = hc.KEEP_PROB_CLAMP
 """init_keep_prob is clamped into [1e-6, 1 - 1e-6] (l0-python clamps arrays but not scalars)."""
 
 
@@ -67,8 +67,7 @@ class VectorGatesMixin:
                 )
             if not bool(torch.isfinite(p).all()) or bool(((p < 0) | (p > 1)).any()):
                 raise ValueError("init_keep_prob values must be finite probabilities in [0, 1]")
-        p = p.clamp(KEEP_PROB_CLAMP, 1 - KEEP_PROB_CLAMP)
-        return torch.log(p / (1 - p))
+        return hc.keep_prob_logit(p)  # type: ignore[return-value]
 
     # -- gates (Louizos et al. 2018, eqs. 10-13) ----------------------------------------------
     def _sample_gates(self) -> Tensor:

@@ -10,7 +10,6 @@ consumption and the ``state_dict`` are identical to l0-python 0.6.2 (after its P
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,22 +20,18 @@ from sparselens.core.checks import check_choice, check_int, check_number
 
 logger = logging.getLogger(__name__)
 
-INIT_MEAN_CLAMP = 1e-6
+INIT_MEAN_CLAMP = hc.KEEP_PROB_CLAMP
 """``init_mean`` is clamped into ``[1e-6, 1 - 1e-6]`` before taking its logit (fixes D6)."""
 
 
 def init_logit(init_mean: float) -> float:
-    """``logit(p) = log(p / (1 - p))`` of the initial keep probability, ``p`` clamped to
-    ``[1e-6, 1 - 1e-6]``.
+    """``logit(init_mean)`` with the clamp of :func:`sparselens.core.hard_concrete.keep_prob_logit`.
 
-    l0-python raised ``ZeroDivisionError`` for ``p = 1`` and "math domain error" for ``p = 0``
-    (its defect D6). The clamp gives ``|logit| <= 13.8``: gates that start essentially always on
-    (``p = 1``) or off (``p = 0``) but can still learn. Inside the clamp the value is bit-identical
-    to l0-python (same float64 expression, then stored as float32).
+    l0-python raised ``ZeroDivisionError`` for ``init_mean = 1`` and "math domain error" for 0
+    (its defect D6); inside the clamp the value is bit-identical to l0-python.
     """
-    p = check_number("init_mean", init_mean, ge=0.0, le=1.0)
-    p = min(max(p, INIT_MEAN_CLAMP), 1.0 - INIT_MEAN_CLAMP)
-    return math.log(p / (1 - p))
+    check_number("init_mean", init_mean, ge=0.0, le=1.0)
+    return float(hc.keep_prob_logit(float(init_mean)))
 
 
 class HardConcrete(nn.Module):
