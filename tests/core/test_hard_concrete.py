@@ -388,7 +388,7 @@ def test_dtype_preserved() -> None:
 def test_keep_prob_logit_matches_l0_python_and_clamps() -> None:
     """float path = math.log(p/(1-p)) (HardConcrete), tensor path = torch.log(p/(1-p)) (SCW),
     bit for bit; p = 0 and 1 give finite logits (l0-python: ZeroDivisionError / inf)."""
-    assert hc.keep_prob_logit(0.8) == math.log(0.8 / 0.2)
+    assert hc.keep_prob_logit(0.8) == math.log(0.8 / (1 - 0.8))
     p = torch.tensor([0.1, 0.5, 0.999])
     assert torch.equal(hc.keep_prob_logit(p), torch.log(p / (1 - p)))
     ends = hc.keep_prob_logit(torch.tensor([0.0, 1.0]))
