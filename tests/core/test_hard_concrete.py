@@ -392,7 +392,7 @@ def test_keep_prob_logit_matches_l0_python_and_clamps() -> None:
     p = torch.tensor([0.1, 0.5, 0.999])
     assert torch.equal(hc.keep_prob_logit(p), torch.log(p / (1 - p)))
     ends = hc.keep_prob_logit(torch.tensor([0.0, 1.0]))
-    assert torch.isfinite(ends).all() and ends[1] == -ends[0]
+    assert torch.isfinite(ends).all() and ends[0] < -13.5 and ends[1] > 13.5
     assert math.isfinite(hc.keep_prob_logit(1.0))
     with pytest.raises(ValueError, match="keep probabilit"):
         hc.keep_prob_logit(torch.tensor([1.5]))
