@@ -196,7 +196,6 @@ class L0Conv2d(_GatedWeightMethods, nn.Module):
         return F.conv2d(input, self.weight * gates, self.bias, self.stride, self.padding)
 
 
-
 class L0DepthwiseConv2d(nn.Module):
     """Depthwise convolution (``groups = in_channels``) whose *input* channels are gated.
 
