@@ -68,12 +68,12 @@ def log_softmax(logits: np.ndarray | Tensor, tau: float = 1.0) -> np.ndarray | T
     tau = _check_tau(tau)
     check_logits(logits)
     if isinstance(logits, Tensor):
-        z = logits / tau if logits.is_floating_point() else logits.double() / tau
-        z = z - z.amax(dim=-1, keepdim=True)
+        z = logits if logits.is_floating_point() else logits.double()
+        z = (z - z.amax(dim=-1, keepdim=True)) / tau  # max first: z / tau may overflow
         return z - torch.logsumexp(z, dim=-1, keepdim=True)
     z = np.asarray(logits, dtype=np.float64 if np.asarray(logits).dtype.kind in "iu" else None)
-    z = z / tau
-    z = z - z.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # max first: z / tau may overflow; (z - max) / tau -> -inf
+        z = (z - z.max(axis=-1, keepdims=True)) / tau
     with np.errstate(under="ignore"):
         lse = np.log(np.exp(z).sum(axis=-1, keepdims=True))
     return z - lse
