@@ -1,9 +1,10 @@
 """The ``sparselens`` command: one subcommand group per capability.
 
-Only ``calibrate`` exists so far; a capability adds itself by writing a ``register(subparsers)``
-function (which may add a nested group, e.g. ``sparselens sae train``) and listing it in
-:data:`COMMANDS`. Every config field becomes a ``--flag`` (``lambda_l0`` → ``--lambda-l0``), a
-YAML file given with ``--config`` supplies the same fields, and flags win over the file.
+``calibrate`` and ``lm`` (``lm train``, ``lm sweep``) exist so far; a capability adds itself by
+writing a ``register(subparsers)`` function (which may add a nested group, e.g. ``sparselens lm
+train``) and listing it in :data:`COMMANDS`. Every config field becomes a ``--flag``
+(``lambda_l0`` → ``--lambda-l0``), a YAML file given with ``--config`` supplies the same fields,
+and flags win over the file.
 
 Bad input exits with status 2 and one line on stderr, ``sparselens: error: <message>``;
 an interrupt (Ctrl-C, SIGTERM) exits with 130 / 143 and leaves no partial outputs.
@@ -201,8 +202,15 @@ def _run_calibrate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Any], None]] = {"calibrate": register_calibrate}
-"""Subcommand groups: name → ``register(subparsers)``. Later: ``lm``, ``sae``, ``spd``."""
+def register_lm(subparsers: Any) -> None:
+    """``sparselens lm train|sweep``: Mini-GPT training and the temperature sweep."""
+    from sparselens.lm.cli_commands import register
+
+    register(subparsers)
+
+
+COMMANDS: dict[str, Callable[[Any], None]] = {"calibrate": register_calibrate, "lm": register_lm}
+"""Subcommand groups: name → ``register(subparsers)``. Later: ``sae``, ``spd``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
