@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from sparselens.cli import main
-from sparselens.lm.checkpoint import checkpoint_hash, load_checkpoint
+from sparselens.lm.checkpoint import checkpoint_hash, default_checkpoint, load_checkpoint
 from sparselens.lm.corpora import verbs_corpus
-from sparselens.lm.sweep import TAUS, default_checkpoint
+from sparselens.lm.sweep import TAUS
 
 TINY = [
     "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "32",

@@ -240,8 +240,9 @@ def test_bad_corpus_raises_before_creating_the_run(tmp_path):
 
 
 def test_bundled_checkpoint_gets_the_grammar():
+    from sparselens.lm.checkpoint import default_checkpoint
     from sparselens.lm.generate import generate
-    from sparselens.lm.sweep import default_checkpoint, first_step_logits
+    from sparselens.lm.sweep import first_step_logits
 
     model, tok = load_checkpoint(default_checkpoint())
     assert model.num_parameters() < 300_000

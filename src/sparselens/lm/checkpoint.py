@@ -143,14 +143,20 @@ def _read_checked(directory: Path, name: str, files: dict[str, Any]) -> bytes:
     return data
 
 
+def default_checkpoint() -> Path:
+    """The bundled Mini-GPT trained on the verbs corpus (``sparselens/data/minigpt-verbs``)."""
+    return Path(__file__).resolve().parent.parent / "data" / "minigpt-verbs"
+
+
 def load_checkpoint(
-    directory: str | Path, map_location: str | torch.device = "cpu"
+    directory: str | Path | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[MiniGPT, Tokenizer | None]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(model in eval mode, tokenizer)``.
 
-    Raises FileNotFoundError / ValueError with one line naming the offending file.
+    ``directory=None`` loads the bundled :func:`default_checkpoint`. Raises FileNotFoundError /
+    ValueError with one line naming the offending file.
     """
-    directory = Path(directory)
+    directory = Path(directory) if directory is not None else default_checkpoint()
     doc = _read_config(directory)
     cfg_path = directory / CONFIG_FILE
     try:

@@ -60,11 +60,6 @@ class MonotonicityError(ValueError):
     """A quantity that theory says is non-decreasing in tau decreased."""
 
 
-def default_checkpoint() -> Path:
-    """The bundled Mini-GPT trained on the verbs corpus (``sparselens/data/minigpt-verbs``)."""
-    return Path(__file__).resolve().parent.parent / "data" / "minigpt-verbs"
-
-
 def check_monotone(
     taus: Sequence[float], values: Sequence[float], *, name: str, tol: float = MONOTONE_TOL
 ) -> None:
@@ -179,7 +174,7 @@ def run_sweep(
     """Run the three measurements and write the outputs into ``out_dir`` (created if needed;
     the sweep's own files are replaced). Bad input raises before anything is written."""
     from sparselens.core.checks import check_int
-    from sparselens.lm.checkpoint import checkpoint_hash, load_checkpoint
+    from sparselens.lm.checkpoint import checkpoint_hash, default_checkpoint, load_checkpoint
 
     t0 = time.perf_counter()
     seed = check_int("seed", seed, ge=0, le=2**32 - 1 - n_samples)
@@ -401,7 +396,6 @@ __all__ = [
     "MonotonicityError",
     "SweepResult",
     "check_monotone",
-    "default_checkpoint",
     "draw_first_tokens",
     "entropy_curve",
     "expected_unique",
