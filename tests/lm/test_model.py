@@ -60,7 +60,7 @@ def test_teaching_config_and_defaults():
     )
     assert cfg.head_dim == 16
     d = MiniGPTConfig(vocab_size=65)
-    assert (d.n_layers, d.n_heads, d.d_model, d.d_ff, d.context_len) == (4, 4, 128, 512, 128)
+    assert (d.n_layers, d.n_heads, d.d_model, d.d_ff, d.context_len) == (4, 4, 128, 512, 64)
     assert (d.rope_base, d.dropout, d.layer_norm_eps) == (10000.0, 0.0, 1e-5)
     with pytest.raises(ValidationError):
         cfg.d_model = 32  # frozen

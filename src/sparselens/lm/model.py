@@ -51,10 +51,23 @@ The same table is :data:`HOOK_POINTS`; :meth:`MiniGPT.hook_points` expands it fo
 Default configuration
 ---------------------
 Everything but ``vocab_size`` has a default: nanoGPT's CPU recipe for character-level
-Shakespeare (4 layers, 4 heads, d_model 128, d_ff 4 d_model = 512, no dropout), which reaches a
-validation loss near 1.9 nats/char in a few CPU-minutes, with a context of 128 tokens (nanoGPT's
-CPU run uses 64; RoPE costs no parameters per position and at T = 128 attention is still a small
-share of the FLOPs). Dropout is 0 because such short runs underfit rather than overfit.
+Shakespeare (``train_shakespeare_char.py`` on CPU): 4 layers, 4 heads, d_model 128,
+d_ff 4 d_model = 512, context 64, no dropout (such short runs underfit, they do not overfit);
+800k parameters at 65 symbols. Checked on a 640k-character English text (vim's manual, 117 symbols,
+AdamW lr 1e-3 -> 1e-4 cosine, batch 12 x 64, one thread, equal CPU time per model, validation
+loss in nats/char):
+
+| model                       | params | 2 CPU-min | 6 CPU-min |
+|-----------------------------|-------:|----------:|----------:|
+| 4L d128, context 64         |   806k |     1.680 | **1.491** |
+| 4L d128, context 128 (b 6)  |   806k |     1.706 |           |
+| 3L d128, context 128 (b 6)  |   609k |     1.625 |     1.502 |
+| 2L d128, context 128 (b 6)  |   411k |           |     1.516 |
+| teaching 2L d64, context 64 |   107k | **1.616** |     1.547 |
+| 6L d192, context 128 (b 6)  |  2.69M |     1.945 |           |
+
+Below about two CPU-minutes the teaching size learns fastest; from a few minutes on the default
+wins, and at equal compute a 64-token context beat 128 (more windows per step).
 """
 
 from __future__ import annotations
@@ -91,7 +104,7 @@ HOOK_POINTS: dict[str, str] = {
 class MiniGPTConfig(BaseModel):
     """Architecture of a :class:`MiniGPT`; frozen, validated on construction.
 
-    Defaults (all but ``vocab_size``) are nanoGPT's CPU recipe with a 128-token context; the
+    Defaults (all but ``vocab_size``) are nanoGPT's CPU recipe (see the module docstring); the
     teaching model is ``MiniGPTConfig(vocab_size=64, d_model=64, n_heads=4, n_layers=2,
     d_ff=256, context_len=32)``.
     """
@@ -103,7 +116,7 @@ class MiniGPTConfig(BaseModel):
     n_heads: int = Field(4, ge=1, le=1024, description="attention heads; divides d_model")
     n_layers: int = Field(4, ge=1, le=1024, description="transformer blocks")
     d_ff: int = Field(512, ge=1, le=2**18, description="MLP hidden width")
-    context_len: int = Field(128, ge=1, le=2**20, description="maximum sequence length")
+    context_len: int = Field(64, ge=1, le=2**20, description="maximum sequence length")
     rope_base: float = Field(10000.0, gt=1.0, description="RoPE base: theta_i = base^(-2i/d_head)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability (training only)")
     layer_norm_eps: float = Field(1e-5, gt=0.0, le=0.1, description="LayerNorm epsilon")
