@@ -161,19 +161,28 @@ def _fmt_pct(x: float) -> str:
     return f"{100 * x:.4g} %"
 
 
-def _run_calibrate(args: argparse.Namespace, argv: list[str]) -> int:
-    from sparselens.l0.calibrate_job import CalibrateConfig, run_calibration
+def run_dir_and_saved_settings(
+    args: argparse.Namespace, kind: str
+) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory (``--out`` or a fresh ``runs/<kind>-<time>``) and, for ``--resume``, the
+    settings saved in its ``config.yaml``."""
     from sparselens.train.config import load_yaml_mapping
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
-    out = Path(args.out) if args.out else _default_out("calibrate")
-    base = None
-    if args.resume:
-        cfg = out / "config.yaml"
-        if not cfg.is_file():
-            raise UsageError(f"cannot resume {out}: no config.yaml there (not a run directory)")
-        base = load_yaml_mapping(cfg)
+    out = Path(args.out) if args.out else _default_out(kind)
+    if not args.resume:
+        return out, None
+    cfg = out / "config.yaml"
+    if not cfg.is_file():
+        raise UsageError(f"cannot resume {out}: no config.yaml there (not a run directory)")
+    return out, load_yaml_mapping(cfg)
+
+
+def _run_calibrate(args: argparse.Namespace, argv: list[str]) -> int:
+    from sparselens.l0.calibrate_job import CalibrateConfig, run_calibration
+
+    out, base = run_dir_and_saved_settings(args, "calibrate")
     config = config_from_args(CalibrateConfig, args, base=base, path_fields=("matrix", "targets"))
     assert isinstance(config, CalibrateConfig)
     summary = run_calibration(config, out, resume=args.resume, command=[PROG, *argv])

@@ -52,7 +52,7 @@ from sparselens.l0.calibration_report import (
     write_weights,
 )
 from sparselens.train.atomic import atomic_write_json, atomic_write_text
-from sparselens.train.config import load_yaml_mapping
+from sparselens.train.config import check_resume_config, load_yaml_mapping
 from sparselens.train.progress import progress_bar
 from sparselens.train.rundir import RunDir
 from sparselens.train.seeding import seed_everything
@@ -177,16 +177,6 @@ def _resolved(config: CalibrateConfig) -> CalibrateConfig:
     return config.model_copy(update=update)
 
 
-def _check_resume_config(saved: CalibrateConfig, given: CalibrateConfig) -> None:
-    a, b = saved.model_dump(mode="json"), given.model_dump(mode="json")
-    for key in a:
-        if key not in _RESUMABLE_CHANGES and a[key] != b[key]:
-            raise ValueError(
-                f"{key} differs from the run's config.yaml (saved {a[key]!r}, given {b[key]!r}); "
-                "a resumed run keeps its settings"
-            )
-
-
 def run_calibration(
     config: CalibrateConfig,
     run_dir: str | Path,
@@ -208,7 +198,7 @@ def run_calibration(
         if not cfg_file.is_file():
             raise FileNotFoundError(f"cannot resume {run_path}: no {RunDir.CONFIG} there")
         saved = CalibrateConfig.model_validate(load_yaml_mapping(cfg_file))
-        _check_resume_config(saved, config)
+        check_resume_config(saved, config, _RESUMABLE_CHANGES)
         if (run_path / "summary.json").is_file() and (run_path / RunDir.REPORT).is_file():
             logger.info("%s is already complete", run_path)
             return json.loads((run_path / "summary.json").read_text(encoding="utf-8"))

@@ -12,7 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sparselens.cli import PROG, UsageError, _add_run_options, _default_out, add_config_options
+from sparselens.cli import (
+    PROG,
+    UsageError,
+    _add_run_options,
+    _default_out,
+    add_config_options,
+    run_dir_and_saved_settings,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -78,17 +85,8 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None) -> Any:
 
 def _run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from sparselens.lm.train import train_lm
-    from sparselens.train.config import load_yaml_mapping
 
-    if args.resume and not args.out:
-        raise UsageError("--resume needs --out DIR (the run directory to continue)")
-    out = Path(args.out) if args.out else _default_out("lm-train")
-    base = None
-    if args.resume:
-        cfg = out / "config.yaml"
-        if not cfg.is_file():
-            raise UsageError(f"cannot resume {out}: no config.yaml there (not a run directory)")
-        base = load_yaml_mapping(cfg)
+    out, base = run_dir_and_saved_settings(args, "lm-train")
     config = _settings(args, base)
     s = train_lm(config, out, resume=args.resume, command=[PROG, *argv])
     if not args.quiet:

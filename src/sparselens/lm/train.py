@@ -57,7 +57,11 @@ from sparselens.core.softmax import cross_entropy
 from sparselens.lm.corpora import CORPUS_NAMES, corpus_hash, load_corpus
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
 from sparselens.train.atomic import atomic_write_json, atomic_write_text
-from sparselens.train.config import format_validation_error, load_yaml_mapping
+from sparselens.train.config import (
+    check_resume_config,
+    format_validation_error,
+    load_yaml_mapping,
+)
 from sparselens.train.progress import progress_bar
 from sparselens.train.rundir import RunDir, save_figure
 from sparselens.train.seeding import seed_everything
@@ -355,16 +359,6 @@ def ngram_baselines(data: CorpusData, vocab_size: int) -> dict[str, float]:
 
 
 # -- the run ------------------------------------------------------------------------------------
-def _check_resume_config(saved: TrainConfig, given: TrainConfig) -> None:
-    a, b = saved.model_dump(mode="json"), given.model_dump(mode="json")
-    for key in a:
-        if key not in _RESUMABLE_CHANGES and a[key] != b[key]:
-            raise ValueError(
-                f"{key} differs from the run's config.yaml (saved {a[key]!r}, given {b[key]!r}); "
-                "a resumed run keeps its settings"
-            )
-
-
 def train_lm(
     config: TrainConfig,
     run_dir: str | Path,
@@ -387,7 +381,7 @@ def train_lm(
         if not cfg_file.is_file():
             raise FileNotFoundError(f"cannot resume {run_path}: no {RunDir.CONFIG} there")
         saved = TrainConfig.model_validate(load_yaml_mapping(cfg_file))
-        _check_resume_config(saved, config)
+        check_resume_config(saved, config, _RESUMABLE_CHANGES)
         if (run_path / "summary.json").is_file() and (run_path / RunDir.REPORT).is_file():
             logger.info("%s is already complete", run_path)
             return json.loads((run_path / "summary.json").read_text(encoding="utf-8"))

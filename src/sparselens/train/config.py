@@ -141,3 +141,19 @@ def config_to_yaml_dict(config: BaseModel) -> dict[str, Any]:
 
 
 __all__ = ["config_to_yaml_dict", "field_range", "format_validation_error", "load_yaml_mapping"]
+
+
+def check_resume_config(
+    saved: BaseModel, given: BaseModel, resumable: frozenset[str] = frozenset({"progress"})
+) -> None:
+    """Raise if a resumed run is given settings that differ from its saved ``config.yaml``.
+
+    Only the fields in ``resumable`` (display options such as ``progress``) may change.
+    """
+    a, b = saved.model_dump(mode="json"), given.model_dump(mode="json")
+    for key in a:
+        if key not in resumable and a[key] != b.get(key):
+            raise ValueError(
+                f"{key} differs from the run's config.yaml (saved {a[key]!r}, "
+                f"given {b.get(key)!r}); a resumed run keeps its settings"
+            )
