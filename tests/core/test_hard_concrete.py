@@ -396,3 +396,10 @@ def test_keep_prob_logit_matches_l0_python_and_clamps() -> None:
     assert math.isfinite(hc.keep_prob_logit(1.0))
     with pytest.raises(ValueError, match="keep probabilit"):
         hc.keep_prob_logit(torch.tensor([1.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_keep_prob_logit_is_finite_in_half_precision(dtype: torch.dtype) -> None:
+    """1 - 1e-6 rounds to 1 in fp16/bf16: computed in the half dtype, p = 1 gave +inf."""
+    out = hc.keep_prob_logit(torch.tensor([0.0, 1.0], dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()

@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparselens.core.softmax import check_logits, entropy, log_softmax, softmax
+from sparselens.core.softmax import check_logits, cross_entropy, entropy, log_softmax, softmax
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
 
@@ -216,3 +216,16 @@ def test_integer_logits_promote() -> None:
     qt = softmax(torch.tensor([2, 1, 0]))
     assert qt.dtype == torch.float64
     np.testing.assert_allclose(qt.numpy(), q, rtol=1e-14)
+
+
+def test_cross_entropy_keeps_float64_and_matches_mpmath() -> None:
+    """A float32 downcast turns the 1e8-scale logits [1e8 + 1, 1e8] into a tie (loss log 2)."""
+    logits = torch.tensor([[1e8 + 1, 1e8], [0.5, -2.0]], dtype=torch.float64)
+    targets = torch.tensor([1, 0])
+    got = float(cross_entropy(logits, targets))
+    ref = []
+    with mp.workdps(50):
+        for row, t in zip(logits.tolist(), targets.tolist(), strict=True):
+            lse = mp.log(sum(mp.exp(mp.mpf(v) - mp.mpf(max(row))) for v in row)) + max(row)
+            ref.append(lse - mp.mpf(row[t]))
+    assert got == pytest.approx(float(sum(ref) / 2), rel=1e-12)

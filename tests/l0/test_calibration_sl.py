@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from sparselens.core import hard_concrete as hc
+from sparselens.core.schedules import Schedule
 from sparselens.l0.calibration import SparseCalibrationWeights, relative_errors
 
 
@@ -390,3 +391,30 @@ def test_fit_rejects_bad_data():
     Mbad.data[0] = np.inf
     with pytest.raises(ValueError, match="M must be finite"):
         model.fit(Mbad, y, epochs=1)
+
+
+def test_beta_schedule_spans_each_call_and_reaches_its_end():
+    """A schedule measured against absolute epochs ran a warm-started call at its end value only."""
+    M, y, _ = survey()
+    seen: list[float] = []
+    sched = Schedule(kind="linear", start=2.0, end=0.5)
+    model = SparseCalibrationWeights(M.shape[1], seed=0)
+    model.fit(M, y, epochs=4, beta_schedule=sched, callbacks=[lambda m, r: seen.append(m.beta)])
+    assert seen == pytest.approx([1.625, 1.25, 0.875, 0.5])
+    seen.clear()
+    model.fit(
+        M,
+        y,
+        epochs=2,
+        beta_schedule=sched,
+        warm_start=True,
+        callbacks=[lambda m, r: seen.append(m.beta)],
+    )
+    assert seen == pytest.approx([1.25, 0.5])
+
+
+def test_refit_rejects_a_zero_floor_instead_of_replacing_it():
+    M, y, _ = survey()
+    model = SparseCalibrationWeights(M.shape[1], seed=0).fit(M, y, epochs=3)
+    with pytest.raises(ValueError, match="relative_floor"):
+        model.refit(M, y, epochs=1, relative_floor=0.0, loss_type="relative_epsilon")

@@ -104,3 +104,11 @@ def test_validation_messages():
         model.predict(X[:, :5])
     with pytest.raises(ValueError, match="lambda_reg"):
         model.fit(X, y, lambda_reg=-1.0)
+
+
+def test_warm_start_takes_the_new_learning_rate():
+    X, y, _ = regression()
+    model = SparseL0Linear(60, seed=0).fit(X, y, lr=0.01, epochs=2)
+    model.fit(X, y, lr=0.5, epochs=1, warm_start=True)
+    assert model._optimizer is not None
+    assert model._optimizer.param_groups[0]["lr"] == 0.5

@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import sparselens.lm.model as model_mod
 from sparselens.lm.generate import generate
 from sparselens.lm.sampling import Greedy, Sampler, Temperature, TopK, TopP
 
-model_mod = pytest.importorskip("sparselens.lm.model", reason="MiniGPT not available")
 MiniGPT, MiniGPTConfig = model_mod.MiniGPT, model_mod.MiniGPTConfig
 
 CTX = 16
@@ -310,6 +310,11 @@ def test_gpt2_with_tokenizers_encoding(gpt2: nn.Module) -> None:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     out = generate(gpt2, "tomorrow she will go", 10, 0, Greedy(), tokenizer=tok, eos_id=())
     assert out == generate(gpt2, PROMPT, 10, 0, Greedy(), eos_id=())
+    # without eos_id: a tokenizers.Tokenizer has no eos attribute; the model's EOS is used
+    # (this raised AttributeError when the tokenizer was consulted eagerly)
+    no_eos = generate(gpt2, "tomorrow she will go", 10, 0, Greedy(), tokenizer=tok)
+    eos = gpt2.generation_config.eos_token_id
+    assert no_eos == out[: out.index(eos)] if eos in out else no_eos == out
 
 
 # -- optional real model (not in the default run) ------------------------------------------------

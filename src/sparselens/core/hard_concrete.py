@@ -53,8 +53,8 @@ def keep_prob_logit(p: float | Tensor) -> float | Tensor:
     if isinstance(p, Tensor):
         if not bool(torch.isfinite(p).all()) or bool(((p < 0) | (p > 1)).any()):
             raise ValueError("keep probabilities must be finite and in [0, 1]")
-        q = p.clamp(KEEP_PROB_CLAMP, 1 - KEEP_PROB_CLAMP)
-        return torch.log(q / (1 - q))
+        q = p.to(_compute_dtype(p)).clamp(KEEP_PROB_CLAMP, 1 - KEEP_PROB_CLAMP)
+        return torch.log(q / (1 - q)).to(p.dtype)  # half types: computed in float32
     q = check_number("keep probability", p, ge=0.0, le=1.0)
     q = min(max(q, KEEP_PROB_CLAMP), 1.0 - KEEP_PROB_CLAMP)
     return math.log(q / (1 - q))

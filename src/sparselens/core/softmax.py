@@ -118,8 +118,9 @@ def entropy(
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy (nats) from raw logits ``(..., V)`` and targets ``(...)``."""
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        x.reshape(-1, x.shape[-1]),
         targets.reshape(-1),
         ignore_index=ignore_index,
     )

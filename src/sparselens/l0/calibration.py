@@ -49,6 +49,11 @@ def relative_errors(y_hat: Any, y: Any, floor: float = 1.0) -> np.ndarray:
     return np.abs(yh - yy) / np.maximum(np.abs(yy), floor)
 
 
+def _l2(log_weight: Tensor) -> Tensor:
+    """``sum_i exp(theta_i)^2``, the L2 penalty of the fit and of the refit."""
+    return (torch.exp(log_weight) ** 2).sum()
+
+
 def _vector(name: str, value: Any, m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     t = torch.as_tensor(np.asarray(value, dtype=np.float64), device=device).to(dtype)
     if t.shape != (m,):
@@ -228,7 +233,7 @@ class SparseCalibrationWeights(VectorGatesMixin, nn.Module):
 
     def get_l2_penalty(self) -> Tensor:
         """``sum_i exp(theta_i)^2`` (l0-python's absolute-scale L2 on the ungated weights)."""
-        return (torch.exp(self.log_weight) ** 2).sum()
+        return _l2(self.log_weight)
 
     def get_sparsity(self) -> float:
         """Fraction of records whose eval weight is exactly 0 (0.0 when ``use_gates=False``)."""
@@ -591,7 +596,9 @@ class SparseCalibrationWeights(VectorGatesMixin, nn.Module):
         self._check_columns(op)
         args = {
             "loss_type": loss_type or last.get("loss_type", "mse"),
-            "relative_floor": relative_floor or last.get("relative_floor", 1.0),
+            "relative_floor": last.get("relative_floor", 1.0)
+            if relative_floor is None
+            else relative_floor,
             "target_groups": last.get("target_groups"),
             "normalize_groups": last.get("normalize_groups", True),
             "group_multipliers": last.get("group_multipliers"),
@@ -619,7 +626,7 @@ class SparseCalibrationWeights(VectorGatesMixin, nn.Module):
             parts = {"data_loss": data}
             loss = data
             if lambda_l2 > 0:
-                l2 = (w * w).sum()
+                l2 = _l2(theta)
                 loss = loss + lambda_l2 * l2
                 parts["l2_penalty"] = l2
             return loss, parts

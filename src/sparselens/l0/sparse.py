@@ -145,6 +145,9 @@ class SparseL0Linear(VectorGatesMixin, nn.Module):
             params = [self.weight, self.log_alpha] + ([self.bias] if self.bias is not None else [])
             self._optimizer = torch.optim.Adam(params, lr=lr)
             self.epochs_done = 0
+        else:
+            for group in self._optimizer.param_groups:
+                group["lr"] = lr
 
         def step() -> tuple[Tensor, dict[str, Tensor]]:
             mse = (y_t - self.forward(op)).pow(2).mean()

@@ -52,19 +52,21 @@ def run_epochs(
     ``step()`` computes ``(loss, parts)`` for one fresh gate draw. Every ``log_every`` epochs a
     record ``{"phase", "epoch", "loss", **parts, **describe()}`` is appended to
     ``model.history`` and passed to each callback. Schedules are evaluated at progress
-    ``epoch / total_epochs`` (default: this call's epochs).
+    ``(i + 1) / total_epochs`` for the i-th epoch of this call (default: this call's epochs), so a
+    schedule spans each call, a warm-started call included, and the last epoch uses its end value.
     """
-    total = total_epochs or max(epochs, 1)
+    total = total_epochs or epochs
     bar = tqdm(total=epochs, desc=phase, disable=not progress, leave=False, dynamic_ncols=True)
     ran = 0
     try:
         for i in range(epochs):
             epoch = epoch_offset + i
+            progress = (i + 1) / total  # schedules span this call and reach their end value
             if beta_schedule is not None:
-                model.beta = beta_schedule.at(epoch / total)
+                model.beta = beta_schedule.at(progress)
             if lr_schedule is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule.at(epoch / total)
+                    group["lr"] = lr_schedule.at(progress)
             loss, parts = step()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -98,7 +98,9 @@ def _eos_ids(model: nn.Module, tokenizer: Any, eos_id: Any, hf: bool) -> frozens
         candidates.append(getattr(gen_config, "eos_token_id", None))
     if tokenizer is not None:
         tok_eos = getattr(tokenizer, "eos_id", None)
-        candidates.append(tok_eos if tok_eos is not None else tokenizer.eos_token_id)
+        candidates.append(
+            tok_eos if tok_eos is not None else getattr(tokenizer, "eos_token_id", None)
+        )
     for c in candidates:  # the first one that is set
         ids = _as_ids("eos_id", c) if c is not None else []
         if ids:
