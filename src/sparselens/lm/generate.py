@@ -240,3 +240,20 @@ def _hf_steps(model: nn.Module, tokens: list[int], device: torch.device, use_cac
             out = model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
         else:
             out = model(input_ids=torch.tensor([tokens], device=device), use_cache=False)
+
+
+def next_token_logits(model: nn.Module, prompt_ids: Sequence[int]) -> Tensor:
+    """The last position's logits (float64, ``(V,)``) of one eval-mode forward pass over the
+    prompt (cropped to the model's ``context_len`` when it has one)."""
+    ids = list(prompt_ids)
+    ctx = getattr(getattr(model, "config", None), "context_len", None)
+    if isinstance(ctx, int):
+        ids = ids[-ctx:]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor(ids, dtype=torch.long))
+    finally:
+        model.train(was_training)
+    return out[-1].double()

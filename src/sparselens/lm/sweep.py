@@ -119,14 +119,9 @@ def draw_first_tokens(logits: np.ndarray, tau: float, n: int, seed: int) -> list
 
 def first_step_logits(model: torch.nn.Module, prompt_ids: Sequence[int]) -> np.ndarray:
     """The last position's logits (float64, ``(V,)``) of one forward pass over the prompt."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.tensor(list(prompt_ids), dtype=torch.long))
-    finally:
-        model.train(was_training)
-    return out[-1].double().numpy()
+    from sparselens.lm.generate import next_token_logits
+
+    return next_token_logits(model, prompt_ids).numpy()
 
 
 @dataclass

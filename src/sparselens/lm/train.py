@@ -586,10 +586,10 @@ def _train(
 def first_step(model: MiniGPT, tokenizer: Any, prompt: str, top: int = 8) -> dict[str, Any]:
     """The next-token distribution after ``prompt``: entropy (bits) and the ``top`` tokens."""
     from sparselens.core.softmax import entropy, softmax
+    from sparselens.lm.generate import next_token_logits
 
     ids = tokenizer.encode(prompt)[-model.config.context_len :]
-    with torch.no_grad():
-        logits = model(torch.tensor(ids, dtype=torch.long))[-1].double()
+    logits = next_token_logits(model, ids)
     q = softmax(logits)
     vals, idx = torch.topk(q, min(top, q.numel()))
     return {
