@@ -25,7 +25,6 @@ bisection over ``lambda_l0`` is one indivisible step: a run killed during it res
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -52,9 +51,8 @@ from sparselens.l0.calibration_report import (
     write_weights,
 )
 from sparselens.train.atomic import atomic_write_json, atomic_write_text
-from sparselens.train.config import check_resume_config, load_yaml_mapping
 from sparselens.train.progress import progress_bar
-from sparselens.train.rundir import RunDir
+from sparselens.train.rundir import RunDir, check_resumable
 from sparselens.train.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -193,15 +191,8 @@ def run_calibration(
     t_start = time.perf_counter()
     config = _resolved(config)
     run_path = Path(run_dir)
-    if resume:
-        cfg_file = run_path / RunDir.CONFIG
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"cannot resume {run_path}: no {RunDir.CONFIG} there")
-        saved = CalibrateConfig.model_validate(load_yaml_mapping(cfg_file))
-        check_resume_config(saved, config, _RESUMABLE_CHANGES)
-        if (run_path / "summary.json").is_file() and (run_path / RunDir.REPORT).is_file():
-            logger.info("%s is already complete", run_path)
-            return json.loads((run_path / "summary.json").read_text(encoding="utf-8"))
+    if resume and (done := check_resumable(run_path, config, _RESUMABLE_CHANGES)) is not None:
+        return done
     problem = load_problem(config)
     w0 = initial_weight(config, problem)
     data = data_info(config, problem)

@@ -38,7 +38,6 @@ the same ``threads`` and machine.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -58,12 +57,10 @@ from sparselens.lm.corpora import CORPUS_NAMES, corpus_hash, load_corpus
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
 from sparselens.train.atomic import atomic_write_json, atomic_write_text
 from sparselens.train.config import (
-    check_resume_config,
     format_validation_error,
-    load_yaml_mapping,
 )
 from sparselens.train.progress import progress_bar
-from sparselens.train.rundir import RunDir, save_figure
+from sparselens.train.rundir import RunDir, check_resumable, save_figure
 from sparselens.train.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -376,15 +373,8 @@ def train_lm(
     t_start = time.perf_counter()
     config = resolve_corpus(config)
     run_path = Path(run_dir)
-    if resume:
-        cfg_file = run_path / RunDir.CONFIG
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"cannot resume {run_path}: no {RunDir.CONFIG} there")
-        saved = TrainConfig.model_validate(load_yaml_mapping(cfg_file))
-        check_resume_config(saved, config, _RESUMABLE_CHANGES)
-        if (run_path / "summary.json").is_file() and (run_path / RunDir.REPORT).is_file():
-            logger.info("%s is already complete", run_path)
-            return json.loads((run_path / "summary.json").read_text(encoding="utf-8"))
+    if resume and (done := check_resumable(run_path, config, _RESUMABLE_CHANGES)) is not None:
+        return done
     text = load_text(config)
     from sparselens.lm.tokenizers import load_tokenizer
 

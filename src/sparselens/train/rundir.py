@@ -34,7 +34,7 @@ from sparselens.train.atomic import (
     atomic_write_yaml,
     remove_temp_files,
 )
-from sparselens.train.config import config_to_yaml_dict, load_yaml_mapping
+from sparselens.train.config import check_resume_config, config_to_yaml_dict, load_yaml_mapping
 from sparselens.train.manifest import build_manifest, utc_now
 
 logger = logging.getLogger(__name__)
@@ -258,3 +258,20 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
 
 
 __all__ = ["STAGING", "RunDir", "save_figure"]
+
+
+def check_resumable(
+    run_path: Path, config: BaseModel, resumable: frozenset[str]
+) -> dict[str, Any] | None:
+    """Before resuming ``run_path``: its saved config must equal ``config`` (but for the
+    ``resumable`` fields); return the saved ``summary.json`` if the run already completed."""
+    cfg_file = run_path / RunDir.CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"cannot resume {run_path}: no {RunDir.CONFIG} there")
+    saved = type(config).model_validate(load_yaml_mapping(cfg_file))
+    check_resume_config(saved, config, resumable)
+    summary = run_path / "summary.json"
+    if summary.is_file() and (run_path / RunDir.REPORT).is_file():
+        logger.info("%s is already complete", run_path)
+        return dict(json.loads(summary.read_text(encoding="utf-8")))
+    return None
