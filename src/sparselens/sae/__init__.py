@@ -4,6 +4,7 @@ Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093)
 EleutherAI sparsify's API and parameter layout.
 """
 
+from sparselens.sae.checkpoint import load_sparse_coder, read_provenance, save_sparse_coder
 from sparselens.sae.config import SparseCoderConfig
 from sparselens.sae.dead_latents import DeadLatentTracker
 from sparselens.sae.fvu import FVUAccumulator, fvu, total_variance
@@ -17,5 +18,8 @@ __all__ = [
     "SparseCoder",
     "SparseCoderConfig",
     "fvu",
+    "load_sparse_coder",
+    "read_provenance",
+    "save_sparse_coder",
     "total_variance",
 ]
