@@ -418,3 +418,13 @@ def test_refit_rejects_a_zero_floor_instead_of_replacing_it():
     model = SparseCalibrationWeights(M.shape[1], seed=0).fit(M, y, epochs=3)
     with pytest.raises(ValueError, match="relative_floor"):
         model.refit(M, y, epochs=1, relative_floor=0.0, loss_type="relative_epsilon")
+
+
+def test_relative_loss_warns_for_targets_near_minus_one(caplog):
+    """y = -0.9999 gives the 'relative' loss a weight of 1e8 on that target: say so."""
+    M, y, _ = survey()
+    y = y.copy()
+    y[2] = -0.9999
+    with caplog.at_level(logging.WARNING, logger="sparselens.l0.calibration"):
+        SparseCalibrationWeights(M.shape[1]).fit(M, y, loss_type="relative", epochs=1)
+    assert "first y[2]" in caplog.text

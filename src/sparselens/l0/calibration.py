@@ -105,6 +105,14 @@ class _LossSpec:
                     f"y[{j}] = -1: loss_type 'relative' divides by y + 1; "
                     "use loss_type='relative_epsilon' (scaled by max(|y|, relative_floor))"
                 )
+            close = (y + 1).abs() < 1e-3
+            if bool(close.any()):
+                logger.warning(
+                    "loss_type 'relative' divides by y + 1: %d target(s) within 1e-3 of -1 "
+                    "(first y[%d]) get weights above 1e6; consider 'relative_epsilon'",
+                    int(close.sum()),
+                    int(close.nonzero()[0]),
+                )
             scale = 1.0 / (y + 1)
         else:
             scale = 1.0 / y.abs().clamp_min(floor)
