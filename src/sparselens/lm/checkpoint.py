@@ -25,7 +25,13 @@ import torch
 from pydantic import ValidationError
 
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
-from sparselens.train.atomic import atomic_write_bytes, atomic_write_json
+from sparselens.train.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    safetensors_bytes,
+    sha256_bytes,
+    tensors_from_bytes,
+)
 from sparselens.train.config import format_validation_error
 
 if TYPE_CHECKING:
@@ -36,10 +42,6 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 _TIED = "head.weight"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _tokenizer_bytes(tokenizer: Any) -> bytes:
@@ -80,16 +82,11 @@ def save_checkpoint(
         raise TypeError(f"extra must be JSON-serialisable: {e}") from None
     if tokenizer is not None:
         _check_vocab(tokenizer, model.config, "tokenizer")
-    from safetensors.torch import save
-
-    tensors = {
-        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED
-    }
-    blob = save(tensors)
-    files = {MODEL_FILE: _sha256(blob)}
+    blob = safetensors_bytes({k: v for k, v in model.state_dict().items() if k != _TIED})
+    files = {MODEL_FILE: sha256_bytes(blob)}
     tok_blob = _tokenizer_bytes(tokenizer) if tokenizer is not None else None
     if tok_blob is not None:
-        files[TOKENIZER_FILE] = _sha256(tok_blob)
+        files[TOKENIZER_FILE] = sha256_bytes(tok_blob)
     atomic_write_bytes(directory / MODEL_FILE, blob)
     if tok_blob is not None:
         atomic_write_bytes(directory / TOKENIZER_FILE, tok_blob)
@@ -135,7 +132,7 @@ def _read_checked(directory: Path, name: str, files: dict[str, Any]) -> bytes:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file (listed in {CONFIG_FILE})") from None
-    if _sha256(data) != files.get(name):
+    if sha256_bytes(data) != files.get(name):
         raise ValueError(
             f"{path}: does not match the SHA-256 recorded in {CONFIG_FILE} "
             "(corrupt or partially written)"
@@ -166,14 +163,8 @@ def load_checkpoint(
         raise ValueError(f"{cfg_path}: invalid model config: {msg}") from None
     files = doc["files"]
     blob = _read_checked(directory, MODEL_FILE, files)
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     model_path = directory / MODEL_FILE
-    try:
-        tensors = load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{model_path}: not a safetensors file ({e})") from None
+    tensors = tensors_from_bytes(blob, model_path)
     if "embed.weight" not in tensors:
         raise ValueError(f"{model_path}: no embed.weight tensor")
     with torch.random.fork_rng(devices=[]):  # building the model must not move the global RNG

@@ -11,6 +11,7 @@ cleans up.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -122,23 +123,46 @@ def load_torch(path: str | os.PathLike[str], map_location: str | torch.device = 
     return torch.load(Path(path), map_location=map_location, weights_only=True)
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data`` (the checksums recorded beside checkpoint files)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """A flat ``{name: tensor}`` mapping serialised as safetensors (tensors moved to the CPU)."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(flat, metadata=dict(metadata) if metadata else None)
+
+
+def tensors_from_bytes(
+    blob: bytes, name: str | os.PathLike[str] = "data"
+) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes (never a pickle); a corrupt blob raises one ``ValueError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: not a safetensors file ({e})") from None
+
+
 def save_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Save a flat ``{name: tensor}`` mapping as safetensors, atomically."""
-    from safetensors.torch import save
-
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(flat, metadata=dict(metadata) if metadata else None))
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a safetensors file as ``{name: tensor}`` on the CPU."""
-    from safetensors.torch import load
-
-    return load(Path(path).read_bytes())
+    return tensors_from_bytes(Path(path).read_bytes(), path)
 
 
 def remove_temp_files(directory: str | os.PathLike[str], recursive: bool = True) -> list[Path]:

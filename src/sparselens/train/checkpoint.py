@@ -15,7 +15,6 @@ once both are complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -28,7 +27,10 @@ from sparselens.train.atomic import (
     atomic_write_bytes,
     atomic_write_text,
     load_torch,
+    safetensors_bytes,
     save_torch,
+    sha256_bytes,
+    tensors_from_bytes,
 )
 
 if TYPE_CHECKING:
@@ -119,10 +121,6 @@ def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 _NAME = re.compile(r"^(?P<prefix>.+)-(?P<step>\d{8,})\.(?P<ext>json|pt)$")
 
 
@@ -156,15 +154,13 @@ def save_checkpoint(
         return save_torch(directory / f"{stem}.pt", {**header, "state": state})
     if fmt != "safetensors":
         raise ValueError(f"fmt must be 'safetensors' or 'torch', got {fmt!r}")
-    from safetensors.torch import save
-
     tree, tensors = flatten_state(state)
-    blob = save(tensors) if tensors else b""
+    blob = safetensors_bytes(tensors) if tensors else b""
     atomic_write_bytes(directory / f"{stem}.safetensors", blob)
     doc = {
         **header,
         "tensors": f"{stem}.safetensors",
-        "sha256": _sha256(blob),
+        "sha256": sha256_bytes(blob),
         "state": tree,
     }
     return atomic_write_text(directory / f"{stem}.json", json.dumps(doc) + "\n")
@@ -188,11 +184,9 @@ def load_checkpoint(path: str | Path) -> tuple[Any, int, dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a sparselens checkpoint")
     blob = (path.parent / doc["tensors"]).read_bytes()
-    if _sha256(blob) != doc["sha256"]:
+    if sha256_bytes(blob) != doc["sha256"]:
         raise ValueError(f"{path}: tensor file {doc['tensors']} does not match its checksum")
-    from safetensors.torch import load
-
-    tensors = load(blob) if blob else {}
+    tensors = tensors_from_bytes(blob, path.parent / doc["tensors"]) if blob else {}
     return unflatten_state(doc["state"], tensors), int(doc["step"]), dict(doc["meta"])
 
 
