@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from _peers import TORCH_PIN, ensure_venv, log, probe, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("_l0_python_worker.py")
 DEFAULT_VENV = REPO / ".cache" / "bench-l0-python-venv"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "calibration.json"
-TORCH_PIN = "torch==2.13.0"
 L0_PIN = "l0-python==0.6.2"
 LIBRARIES = ("l0-python", "sparselens")
 
@@ -53,10 +52,6 @@ SETTINGS: dict[str, Any] = {
     "lr": 0.15,
     "loss_type": "relative",
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def make_problem(
@@ -78,59 +73,23 @@ def make_problem(
     return M, y, w_true
 
 
-def _venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _probe(python: Path) -> dict[str, str] | None:
+def _check(python: Path) -> dict[str, str] | None:
     """Versions of torch and l0-python in ``python``'s environment, or None if unusable."""
-    code = (
+    return probe(
+        python,
         "import json, importlib.metadata as m, torch, numpy, scipy, l0.calibration;"
-        "print(json.dumps({'torch': torch.__version__, 'l0-python': m.version('l0-python')}))"
+        "print(json.dumps({'torch': torch.__version__, 'l0-python': m.version('l0-python')}))",
     )
-    try:
-        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ensure_l0_venv(venv: Path) -> Path:
     """Reuse or create the l0-python venv (torch pinned to 2.13.0); return its interpreter."""
-    python = _venv_python(venv)
-    found = _probe(python) if python.exists() else None
-    if found is None:
-        log(f"creating the l0-python venv in {venv} (once) ...")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, TORCH_PIN, "numpy", "scipy"], check=True)
-        # keep the torch pin in the second step too, so that pip cannot swap it
-        subprocess.run([*pip, L0_PIN, TORCH_PIN], check=True)
-        found = _probe(python)
-        if found is None:
-            raise RuntimeError(f"{python} cannot import l0.calibration after installation")
+    python, found = ensure_venv(
+        venv, "l0-python", [[TORCH_PIN, "numpy", "scipy"], [L0_PIN, TORCH_PIN]], _check
+    )
     if not found["torch"].startswith("2.13.0") or found["l0-python"] != "0.6.2":
         raise RuntimeError(f"{venv}: need torch 2.13.0 and l0-python 0.6.2, found {found}")
     return python
-
-
-def run_worker(
-    python: Path, library: str, problem: Path, settings: dict[str, Any], tmp: Path, tag: str
-) -> dict[str, Any]:
-    """One fit in a fresh process; returns the worker's JSON plus the process wall time."""
-    out = tmp / f"{tag}.json"
-    threads = str(settings["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    env.pop("PYTHONPATH", None)
-    cmd = [str(python), str(WORKER), "--library", library, "--problem", str(problem)]
-    cmd += ["--settings", json.dumps(settings), "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{library} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - t0
-    return result
 
 
 def _range(values: list[float], fmt: str) -> str:
@@ -248,7 +207,14 @@ def main(argv: list[str] | None = None) -> None:
         np.savez(tmp / "y.npz", y=y)
         for r in range(a.rounds):
             for lib in LIBRARIES:
-                res = run_worker(pythons[lib], lib, tmp, settings, tmp, f"{lib}-{r}")
+                res = run_worker(
+                    pythons[lib],
+                    WORKER,
+                    lib,
+                    ["--problem", str(tmp), "--settings", json.dumps(settings)],
+                    settings["threads"],
+                    tmp / f"{lib}-{r}.json",
+                )
                 res["round"] = r
                 runs.append(res)
                 e = res["error"]

@@ -28,18 +28,18 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _peers import TORCH_PIN, ensure_venv, log, probe, run_worker
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("_sae_worker.py")
 DEFAULT_VENV = REPO / ".cache" / "bench-sparsify-venv"
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "sae_step.json"
-TORCH_PIN = "torch==2.13.0"
 SPARSIFY_PIN = "eai-sparsify==1.3.3"
 LIBRARIES = ("sparsify", "sparselens")
 MODES = (("auxk", True), ("no-auxk", False))
@@ -47,67 +47,25 @@ MODES = (("auxk", True), ("no-auxk", False))
 GOALS = {"auxk": 2.5, "no-auxk": 1.5}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _probe(python: Path, library: str) -> dict[str, str] | None:
+def _check(python: Path, library: str = "sparsify") -> dict[str, str] | None:
     """torch and library versions in ``python``'s environment, or None if it cannot import."""
     mod, dist = (
         ("sparsify", "eai-sparsify") if library == "sparsify" else ("sparselens.sae", "sparselens")
     )
-    code = (
+    return probe(
+        python,
         f"import json, importlib.metadata as m, torch; from {mod} import SparseCoder;"
-        f"print(json.dumps({{'torch': torch.__version__, 'lib': m.version('{dist}')}}))"
+        f"print(json.dumps({{'torch': torch.__version__, 'lib': m.version('{dist}')}}))",
     )
-    try:
-        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        err = getattr(e, "stderr", "") or str(e)
-        log(f"{python}: cannot import {mod}: {err.strip().splitlines()[-1] if err else e}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ensure_sparsify_venv(venv: Path) -> Path:
     """Reuse or create the sparsify venv (torch pinned to 2.13.0); return its interpreter."""
-    python = _venv_python(venv)
-    found = _probe(python, "sparsify") if python.exists() else None
-    if found is None:
-        log(f"creating the sparsify venv in {venv} (once) ...")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        # the torch pin in the same resolve, so that eai-sparsify's deps cannot swap it
-        subprocess.run([*pip, TORCH_PIN, SPARSIFY_PIN], check=True)
-        found = _probe(python, "sparsify")
-        if found is None:
-            raise RuntimeError(f"{python} cannot import sparsify after installation")
+    # the torch pin in the same resolve, so that eai-sparsify's deps cannot swap it
+    python, found = ensure_venv(venv, "sparsify", [[TORCH_PIN, SPARSIFY_PIN]], _check)
     if not found["torch"].startswith("2.13.0") or found["lib"] != "1.3.3":
         raise RuntimeError(f"{venv}: need torch 2.13.0 and eai-sparsify 1.3.3, found {found}")
     return python
-
-
-def run_worker(
-    python: Path, library: str, settings: dict[str, Any], tmp: Path, tag: str
-) -> dict[str, Any]:
-    """One (library, mode) run in a fresh process; returns the worker's JSON + process time."""
-    out = tmp / f"{tag}.json"
-    threads = str(settings["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    env.pop("PYTHONPATH", None)
-    cmd = [str(python), str(WORKER), "--library", library, "--settings", json.dumps(settings)]
-    cmd += ["--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{library} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - t0
-    return result
 
 
 def source_fingerprint() -> str | None:
@@ -268,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     if "sparsify" in libs:
         pythons["sparsify"] = ensure_sparsify_venv(a.sparsify_venv.resolve())
     if "sparselens" in libs:
-        if _probe(a.python, "sparselens") is None:
+        if _check(a.python, "sparselens") is None:
             log(
                 "sparselens.sae.SparseCoder is not importable: running the sparsify side only "
                 "(no ratios); fix sparselens.sae and rerun for the comparison"
@@ -300,8 +258,14 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(a.rounds):
             for mode, auxk in MODES:
                 for lib in libs:
+                    settings = {**base, "auxk": auxk}
                     res = run_worker(
-                        pythons[lib], lib, {**base, "auxk": auxk}, tmp, f"{lib}-{mode}-{r}"
+                        pythons[lib],
+                        WORKER,
+                        lib,
+                        ["--settings", json.dumps(settings)],
+                        settings["threads"],
+                        tmp / f"{lib}-{mode}-{r}.json",
                     )
                     res["round"], res["mode"] = r, mode
                     runs.append(res)
