@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -42,15 +41,6 @@ SMALL = [
 ]
 FINAL = ("weights.csv", "target_errors.csv", "summary.json", "report.md")
 PLOTS = ("loss.png", "relative_error.png", "weights_hist.png")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI configures the ``sparselens`` logger; leave it as other tests expect it."""
-    logger = logging.getLogger("sparselens")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _cli(argv, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -32,15 +31,6 @@ SWEEP_FILES = (
     "unique_tokens_by_tau.png",
     "manifest.json",
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI configures the ``sparselens`` logger; leave it as other tests expect it."""
-    logger = logging.getLogger("sparselens")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def _cli(argv, capsys):
