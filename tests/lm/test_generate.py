@@ -32,15 +32,6 @@ CTX = 16
 SAMPLERS = [Temperature(1.0), Sampler(tau=0.8, top_k=10, top_p=0.9), TopP(0.95, tau=1.3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models on a busy 2-core machine: one thread is many times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def minigpt() -> nn.Module:
     torch.manual_seed(0)

@@ -20,16 +20,6 @@ from sparselens.lm.checkpoint import (
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
-    per process can make a step 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(seed: int = 0, **kw) -> MiniGPT:
     torch.manual_seed(seed)
     cfg = {"vocab_size": 40, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64}

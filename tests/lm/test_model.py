@@ -21,17 +21,6 @@ from sparselens.lm.model import (
 )
 from sparselens.train.config import format_validation_error
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
-    per process can make a step 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TEACHING = {"vocab_size": 64, "d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 256}
 
 
