@@ -17,7 +17,7 @@ import yaml
 from sparselens.cli import main
 from sparselens.lm.checkpoint import checkpoint_hash, default_checkpoint, load_checkpoint
 from sparselens.lm.corpora import verbs_corpus
-from sparselens.lm.sweep import TAUS
+from sparselens.lm.sweep import FILES, TAUS
 
 TINY = [
     "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "32",
@@ -25,12 +25,7 @@ TINY = [
     "--eval-interval", "6", "--eval-batches", "2", "--log-every", "3",
     "--checkpoint-every", "6", "--bpe-vocab-size", "300", "--no-progress",
 ]  # fmt: skip
-SWEEP_FILES = (
-    "entropy_curve_synthetic.png",
-    "entropy_curve_model.png",
-    "unique_tokens_by_tau.png",
-    "manifest.json",
-)
+SWEEP_FILES = FILES
 
 
 def _cli(argv, capsys):

@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sparselens.core.softmax import softmax
 from sparselens.lm.checkpoint import checkpoint_hash, save_checkpoint
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
 from sparselens.lm.sweep import (
+    FILES,
+    PLOTS,
     SAMPLING_TAUS,
     SYNTHETIC_LOGITS,
     TAUS,
@@ -108,11 +111,8 @@ def test_sweep_writes_files_and_manifest(tiny_checkpoint, tmp_path):
     ckpt, tok = tiny_checkpoint
     out = tmp_path / "sweep"
     r = run_sweep(out, ckpt, prompt="Tomorrow she", seed=3, command=["test"])
-    for name in (
-        "entropy_curve_synthetic.png",
-        "entropy_curve_model.png",
-        "unique_tokens_by_tau.png",
-    ):
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(FILES)
+    for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert (out / "report.md").is_file()
     m = json.loads((out / "manifest.json").read_text())
@@ -139,7 +139,15 @@ def test_sweep_writes_files_and_manifest(tiny_checkpoint, tmp_path):
         assert res["observed_unique"][f"{t:g}"] == len(set(draws)) == r.observed_unique[t]
     assert len(r.table().splitlines()) == 2 + len(TAUS)
 
-    again = run_sweep(out, ckpt, prompt="Tomorrow she", seed=3)  # same dir: files replaced
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["tau"] for row in rows] == list(TAUS)
+    np.testing.assert_allclose([row["entropy_bits_model"] for row in rows], h)
+    assert json.loads((out / "summary.json").read_text()) == res
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+
+    with pytest.raises(FileExistsError, match="not empty"):  # a run never overwrites another
+        run_sweep(out, ckpt, prompt="Tomorrow she", seed=3)
+    again = run_sweep(tmp_path / "again", ckpt, prompt="Tomorrow she", seed=3)
     assert again.observed_unique == r.observed_unique
     np.testing.assert_array_equal(again.h_model, r.h_model)
 

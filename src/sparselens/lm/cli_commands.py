@@ -126,8 +126,9 @@ def _register_sweep(sub: Any) -> None:
             "tokens beside the exact expectation E[U]."
         ),
         epilog=(
-            "Writes to --out: entropy_curve_synthetic.png, entropy_curve_model.png, "
-            "unique_tokens_by_tau.png, manifest.json and report.md; prints the table."
+            "Writes the run directory --out: config.yaml, manifest.json, metrics.jsonl (one line "
+            "per tau), plots/entropy_curve_synthetic.png, plots/entropy_curve_model.png, "
+            "plots/unique_tokens_by_tau.png, summary.json and report.md; prints the table."
         ),
         allow_abbrev=False,
     )

@@ -17,9 +17,12 @@ Three measurements, written with a ``manifest.json`` into one output directory:
    tau < tau', so E[U] is non-decreasing in tau (checked); the observed count is random and can
    dip.
 
-Outputs: ``entropy_curve_synthetic.png``, ``entropy_curve_model.png`` (the model alone and both
-curves together), ``unique_tokens_by_tau.png``, ``manifest.json`` (seeds, versions, tau values,
-checkpoint hash, prompt and its token ids, the results) and ``report.md``.
+Outputs: a run directory (:class:`~sparselens.train.rundir.RunDir`): ``config.yaml``,
+``manifest.json`` (seeds, versions, tau values, checkpoint hash, prompt and its token ids, the
+results), ``metrics.jsonl`` (one line per tau), ``plots/entropy_curve_synthetic.png``,
+``plots/entropy_curve_model.png`` (the model alone and both curves together),
+``plots/unique_tokens_by_tau.png``, ``summary.json`` and ``report.md`` (the last two, with the
+plots, appear only once everything succeeded).
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ import torch
 
 from sparselens.core.softmax import entropy, softmax
 from sparselens.train.atomic import atomic_write_json, atomic_write_text
-from sparselens.train.manifest import build_manifest, utc_now
-from sparselens.train.rundir import save_figure
+from sparselens.train.rundir import RunDir, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,13 @@ SAMPLING_TAUS: tuple[float, ...] = (0.5, 1.0, 2.0)
 N_SAMPLES = 100
 DEFAULT_PROMPT = "Tomorrow she"
 MONOTONE_TOL = 1e-9
-FILES = (
-    "entropy_curve_synthetic.png",
-    "entropy_curve_model.png",
-    "unique_tokens_by_tau.png",
-    "manifest.json",
-    "report.md",
+PLOTS = (
+    "plots/entropy_curve_synthetic.png",
+    "plots/entropy_curve_model.png",
+    "plots/unique_tokens_by_tau.png",
 )
+FILES = (*PLOTS, "config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "report.md")
+"""Everything a sweep run directory holds when it completes."""
 
 
 class MonotonicityError(ValueError):
@@ -166,8 +168,8 @@ def run_sweep(
     n_samples: int = N_SAMPLES,
     command: list[str] | None = None,
 ) -> SweepResult:
-    """Run the three measurements and write the outputs into ``out_dir`` (created if needed;
-    the sweep's own files are replaced). Bad input raises before anything is written."""
+    """Run the three measurements into the new run directory ``out_dir`` (created; an existing
+    non-empty directory is refused). Bad input raises before anything is written."""
     from sparselens.core.checks import check_int
     from sparselens.lm.checkpoint import checkpoint_hash, default_checkpoint, load_checkpoint
 
@@ -200,10 +202,9 @@ def run_sweep(
     order = np.argsort(-q1, kind="stable")[:10]
     top = [{"id": int(i), "token": tokenizer.id_to_token(int(i)), "p": float(q1[i])} for i in order]
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out_dir)  # refuses a non-empty directory: results are never mixed
     result = SweepResult(
-        out_dir=out.resolve(),
+        out_dir=run.path,
         taus=taus,
         sampling_taus=SAMPLING_TAUS,
         h_synthetic=h_syn,
@@ -217,7 +218,18 @@ def run_sweep(
         checkpoint_hash=digest,
         top_tokens=top,
     )
-    manifest = build_manifest(
+    results = {
+        "entropy_bits_synthetic": h_syn.tolist(),
+        "entropy_bits_model": h_model.tolist(),
+        "expected_unique": eu.tolist(),
+        "observed_unique": {f"{t:g}": observed[t] for t in SAMPLING_TAUS},
+        "draws": {f"{t:g}": draws[t] for t in SAMPLING_TAUS},
+        "top_tokens_tau_1": top,
+    }
+    run.write_config(
+        {"checkpoint": result.checkpoint, "prompt": prompt, "seed": seed, "n_samples": n_samples}
+    )
+    run.start(
         kind="lm-sweep",
         seed=seed,
         command=command,
@@ -234,24 +246,26 @@ def run_sweep(
             "prompt_tokens": [tokenizer.id_to_token(i) for i in result.prompt_ids],
             "vocab_size": result.vocab_size,
             "monotone_tolerance": MONOTONE_TOL,
-            "results": {
-                "entropy_bits_synthetic": h_syn.tolist(),
-                "entropy_bits_model": h_model.tolist(),
-                "expected_unique": eu.tolist(),
-                "observed_unique": {f"{t:g}": observed[t] for t in SAMPLING_TAUS},
-                "draws": {f"{t:g}": draws[t] for t in SAMPLING_TAUS},
-                "top_tokens_tau_1": top,
-            },
+            "results": results,
         },
     )
-    manifest.update(status="completed", end_time=utc_now(), seconds=time.perf_counter() - t0)
-    result.manifest = manifest
-
-    _plot_synthetic(out / FILES[0], taus, h_syn)
-    _plot_model(out / FILES[1], taus, h_model, h_syn, result)
-    _plot_unique(out / FILES[2], result, n_samples)
-    atomic_write_text(out / "report.md", _report(result, n_samples))
-    atomic_write_json(out / "manifest.json", manifest)
+    run.append_metrics(
+        {
+            "tau": tau,
+            "entropy_bits_synthetic": float(h_syn[i]),
+            "entropy_bits_model": float(h_model[i]),
+            "expected_unique": float(eu[i]),
+            **({"observed_unique": observed[tau]} if tau in observed else {}),
+        }
+        for i, tau in enumerate(taus)
+    )
+    with run.staging() as stage:
+        _plot_synthetic(stage / PLOTS[0], taus, h_syn)
+        _plot_model(stage / PLOTS[1], taus, h_model, h_syn, result)
+        _plot_unique(stage / PLOTS[2], result, n_samples)
+        atomic_write_json(stage / "summary.json", results)
+        atomic_write_text(stage / "report.md", _report(result, n_samples))
+    result.manifest = run.finish(seconds=time.perf_counter() - t0)
     return result
 
 
@@ -372,11 +386,11 @@ def _report(r: SweepResult, n: int) -> str:
             f"E[U] = Σ 1 − (1 − q_i)^{n} is also non-decreasing in τ (majorisation), while the "
             f"observed count from {n} draws (seeds {_seeds(r)}) is random and may dip. " + dip_text,
             "",
-            "![synthetic](entropy_curve_synthetic.png)",
+            "![synthetic](plots/entropy_curve_synthetic.png)",
             "",
-            "![model](entropy_curve_model.png)",
+            "![model](plots/entropy_curve_model.png)",
             "",
-            "![unique tokens](unique_tokens_by_tau.png)",
+            "![unique tokens](plots/unique_tokens_by_tau.png)",
             "",
         ]
     )
