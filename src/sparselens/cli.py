@@ -218,8 +218,27 @@ def register_lm(subparsers: Any) -> None:
     register(subparsers)
 
 
-COMMANDS: dict[str, Callable[[Any], None]] = {"calibrate": register_calibrate, "lm": register_lm}
-"""Subcommand groups: name → ``register(subparsers)``. Later: ``sae``, ``spd``."""
+def register_sae(subparsers: Any) -> None:
+    """``sparselens sae train|cache|eval|inspect``: TopK sparse autoencoders and transcoders."""
+    from sparselens.sae.cli_commands import register
+
+    register(subparsers)
+
+
+def register_spd(subparsers: Any) -> None:
+    """``sparselens spd run``: Stochastic Parameter Decomposition."""
+    from sparselens.spd.cli_commands import register
+
+    register(subparsers)
+
+
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "calibrate": register_calibrate,
+    "lm": register_lm,
+    "sae": register_sae,
+    "spd": register_spd,
+}
+"""Subcommand groups: name → ``register(subparsers)``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
