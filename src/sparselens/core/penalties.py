@@ -121,10 +121,29 @@ def smooth_l0(ci: Tensor, gamma: float, normalize_at_one: bool = False) -> Tenso
     """
     g = check_number("gamma", gamma, gt=0.0)
     x = _check_ci(ci)
-    r = (x / g).clamp(-_SMOOTH_L0_RATIO_BOUND, _SMOOTH_L0_RATIO_BOUND)
-    r2 = r * r
-    out = component_means(r2 / (1.0 + r2)).sum()
+    out = component_means(_geman_mcclure(x, g)).sum()
     return out * (1.0 + g * g) if normalize_at_one else out
+
+
+def _geman_mcclure(x: Tensor, gamma: float) -> Tensor:
+    """``x^2 / (x^2 + gamma^2)`` elementwise, overflow-safe."""
+    r = (x / gamma).clamp(-_SMOOTH_L0_RATIO_BOUND, _SMOOTH_L0_RATIO_BOUND)
+    r2 = r * r
+    return r2 / (1.0 + r2)
+
+
+def smooth_l0_and_frequency(
+    ci: Tensor, gamma: float, reference_token_count: float, normalize_at_one: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(smooth_l0, sum_c f_c log2(1 + a' f_c))`` with ``f_c`` the global mean of the
+    Geman-McClure penalty, from one pass and one reduction (the smooth-L0 analogue of
+    :func:`lp_and_frequency`; the frequency term is not rescaled by ``normalize_at_one``)."""
+    g = check_number("gamma", gamma, gt=0.0)
+    a = check_number("reference_token_count", reference_token_count, gt=0.0)
+    x = _check_ci(ci)
+    f = component_means(_geman_mcclure(x, g))
+    imp = f.sum() * (1.0 + g * g) if normalize_at_one else f.sum()
+    return imp, frequency_term(f, a)
 
 
 def frequency_minimality(

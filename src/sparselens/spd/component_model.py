@@ -1,0 +1,276 @@
+"""A frozen target model whose chosen Linear/Embedding layers can run on their components.
+
+:class:`ComponentModel` (Bushnaq et al. 2025, §2; sheet §1) takes a target ``nn.Module`` and a
+list of :class:`DecomposedModule` entries (an fnmatch ``pattern`` over module paths, ``C``
+components each, optionally ``tied_to`` another decomposed layer whose weight is this one's
+transpose). It freezes the target and puts a thin slot module in place of each matched layer --
+no hooks: the slot reads a per-call state set by the component model and either runs the
+original layer (recording its input when asked) or the replaced forward of
+:class:`~sparselens.spd.components.Components` with the given masks.
+
+* :meth:`ComponentModel.target_output` -- the target's output, optionally with every decomposed
+  layer's input, without gradient (the target is frozen);
+* :meth:`ComponentModel.causal_importance` -- :class:`~sparselens.spd.ci_functions.CIOutput` per
+  layer from the cached inputs;
+* ``model(x, masks, delta_masks, routes)`` -- layers named in ``masks`` run on their components;
+  ``delta_masks`` add the delta component ``r * x (W - (VU)^T)^T``; ``routes`` (bool per position)
+  choose per position between the replaced and the original output. Layers not in ``masks`` keep
+  the target's weights. Every mask's leading (batch) shape equals the layer input's, so stacking
+  several mask draws or loss variants along the batch axis is one batched pass
+  (:func:`~sparselens.spd.losses.compute_losses`).
+* :meth:`ComponentModel.weight_deltas` -- ``W - (VU)^T`` per layer, differentiable in U and V.
+
+The target is taken over: its matched submodules are replaced in place, so build one component
+model per target instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from sparselens.lm.hooks import module_names, resolve_patterns
+from sparselens.spd.ci_functions import CIOutput, ci_output, make_ci_function
+from sparselens.spd.components import (
+    Components,
+    EmbeddingComponents,
+    LinearComponents,
+    TiedLinearComponents,
+    make_components,
+)
+
+
+class DecomposedModule(BaseModel):
+    """Which modules to decompose: an fnmatch ``pattern`` over module paths, ``C`` components."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(min_length=1, description="fnmatch pattern over module paths")
+    C: int = Field(ge=1, le=2**20, description="components per matched module")
+    tied_to: str | None = Field(
+        None,
+        description="a decomposed module whose weight is this one's transpose (one module only)",
+    )
+
+
+@dataclass
+class _CallState:
+    """What the slots read during one forward call of the component model."""
+
+    cache: dict[str, Tensor] | None = None
+    masks: Mapping[str, Tensor] = field(default_factory=dict)
+    delta_masks: Mapping[str, Tensor] = field(default_factory=dict)
+    routes: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.cache, self.masks, self.delta_masks, self.routes = None, {}, {}, {}
+
+
+class _Slot(nn.Module):
+    """Stands in for one decomposed layer inside the target (see the module docstring)."""
+
+    def __init__(self, name: str, original: nn.Module, state: _CallState) -> None:
+        super().__init__()
+        self.original = original
+        self._name = name
+        self._state = state
+        self._components: list[Components] = []  # set by ComponentModel; not registered here
+
+    @property
+    def weight(self) -> Tensor:
+        """The original layer's weight (the target stays readable as before)."""
+        return self.original.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.original, "bias", None)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        st, name = self._state, self._name
+        if st.cache is not None:
+            st.cache[name] = x
+        mask = st.masks.get(name)
+        if mask is None:
+            return self.original(x, *args, **kwargs)
+        comp = self._components[0]
+        expected = (*x.shape, comp.C) if isinstance(comp, EmbeddingComponents) else None
+        if expected is None:
+            expected = (*x.shape[:-1], comp.C)
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"masks[{name!r}] must have shape {expected} (the layer input's batch shape "
+                f"and C), got {tuple(mask.shape)}"
+            )
+        delta = st.delta_masks.get(name)
+        route = st.routes.get(name)
+        if route is None:
+            return comp(x, mask, delta)
+        y0 = comp.target_product(x)
+        out = comp(x, mask, delta, target_product=y0)
+        b = comp.bias
+        return torch.where(route.unsqueeze(-1), out, y0 if b is None else y0 + b)
+
+
+def key(name: str) -> str:
+    """A module path as a ModuleDict key (dots are not allowed there)."""
+    return name.replace(".", "-")
+
+
+class ComponentModel(nn.Module):
+    """A frozen target with components and CI functions for its decomposed layers."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        modules: Sequence[DecomposedModule | Mapping[str, Any]],
+        ci_fn: str = "mlp",
+        ci_hidden: Sequence[int] = (16,),
+        output_index: int | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"target must be an nn.Module, got {type(target).__name__}")
+        specs = [DecomposedModule.model_validate(m) for m in modules]
+        if not specs:
+            raise ValueError("decomposition must list at least one module")
+        target.requires_grad_(False)
+        target.eval()
+        self.target = target
+        self.output_index = output_index
+        self._state = _CallState()
+        all_names = module_names(target)
+        assigned: dict[str, DecomposedModule] = {}
+        for spec in specs:
+            for name in resolve_patterns(all_names, [spec.pattern], field="decomposition"):
+                if name in assigned:
+                    raise ValueError(
+                        f"decomposition: module {name!r} matches both {assigned[name].pattern!r} "
+                        f"and {spec.pattern!r}"
+                    )
+                assigned[name] = spec
+        self.names: list[str] = [n for n in all_names if n in assigned]
+        self.components = nn.ModuleDict()
+        self.ci_fns = nn.ModuleDict()
+        originals = {n: target.get_submodule(n) for n in self.names}
+        comps: dict[str, Components] = {}
+        for name in [n for n in self.names if assigned[n].tied_to is None]:
+            comps[name] = make_components(originals[name], assigned[name].C)
+        for name in [n for n in self.names if assigned[n].tied_to is not None]:
+            comps[name] = self._tied(name, assigned[name], originals[name], comps)
+        hidden = list(ci_hidden)
+        for name in self.names:
+            comp = comps[name]
+            self.components[key(name)] = comp
+            d_in = None if isinstance(comp, EmbeddingComponents) else comp.d_in
+            try:
+                self.ci_fns[key(name)] = make_ci_function(ci_fn, d_in, comp.C, hidden)
+            except ValueError as e:
+                raise ValueError(f"decomposition: {name}: {e}") from None
+        for name in self.names:
+            slot = _Slot(name, originals[name], self._state)
+            slot._components.append(comps[name])
+            parent, _, child = name.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, child, slot)
+
+    @staticmethod
+    def _tied(
+        name: str, spec: DecomposedModule, original: nn.Module, comps: dict[str, Components]
+    ) -> Components:
+        src = spec.tied_to
+        source = comps.get(src or "")
+        if source is None:
+            raise ValueError(
+                f"decomposition: {name!r} is tied_to {src!r}, which is not a decomposed, untied "
+                f"module (decomposed: {', '.join(comps)})"
+            )
+        if not isinstance(source, LinearComponents):
+            raise ValueError(f"decomposition: tied_to {src!r} must be a linear layer")
+        if spec.C != source.C:
+            raise ValueError(f"decomposition: {name!r} must have C={source.C} like {src!r}")
+        return TiedLinearComponents(original, source)
+
+    # -- access -----------------------------------------------------------------------------------
+    def component(self, name: str) -> Components:
+        """The components of decomposed layer ``name``."""
+        self._check_name(name)
+        return self.components[key(name)]  # type: ignore[return-value]
+
+    def ci_fn(self, name: str) -> nn.Module:
+        """The CI function of decomposed layer ``name``."""
+        self._check_name(name)
+        return self.ci_fns[key(name)]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.names:
+            raise KeyError(f"{name!r} is not decomposed; decomposed: {', '.join(self.names)}")
+
+    # -- forward passes ---------------------------------------------------------------------------
+    def _select(self, out: Any) -> Tensor:
+        if self.output_index is None:
+            return out
+        if isinstance(self.output_index, int):
+            return out[self.output_index]
+        return getattr(out, self.output_index)
+
+    def target_output(
+        self, x: Tensor, cache_inputs: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The target's output and (``cache_inputs``) each decomposed layer's input; no grad."""
+        st = self._state
+        st.reset()
+        cache: dict[str, Tensor] = {}
+        if cache_inputs:
+            st.cache = cache
+        try:
+            with torch.no_grad():
+                out = self._select(self.target(x))
+        finally:
+            st.reset()
+        return out, cache
+
+    def causal_importance(self, inputs: Mapping[str, Tensor]) -> dict[str, CIOutput]:
+        """CI of every decomposed layer from its (cached) input."""
+        out = {}
+        for name in self.names:
+            x = inputs.get(name)
+            if x is None:
+                raise KeyError(f"causal_importance needs the input of {name!r}")
+            fn = self.ci_fns[key(name)]
+            acts = self.components[key(name)].acts(x) if fn.uses_component_acts else None
+            out[name] = ci_output(fn(x, acts))
+        return out
+
+    def forward(
+        self,
+        x: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+        delta_masks: Mapping[str, Tensor] | None = None,
+        routes: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The target's output with the layers in ``masks`` replaced (module docstring)."""
+        for what, given in (("masks", masks), ("delta_masks", delta_masks), ("routes", routes)):
+            for name in given or {}:
+                if name not in self.names:
+                    raise ValueError(
+                        f"{what}: {name!r} is not a decomposed module; decomposed: "
+                        f"{', '.join(self.names)}"
+                    )
+        st = self._state
+        st.reset()
+        st.masks, st.delta_masks, st.routes = masks or {}, delta_masks or {}, routes or {}
+        try:
+            return self._select(self.target(x))
+        finally:
+            st.reset()
+
+    def weight_deltas(self) -> dict[str, Tensor]:
+        """``W - (VU)^T`` of every decomposed layer, differentiable in U and V."""
+        return {n: self.components[key(n)].weight_delta() for n in self.names}
+
+
+__all__ = ["ComponentModel", "DecomposedModule", "key"]
