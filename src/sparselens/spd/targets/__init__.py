@@ -1,0 +1,1 @@
+"""SPD toy targets."""
