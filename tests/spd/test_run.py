@@ -1,0 +1,356 @@
+"""SPD runs: the run directory, exact resume, the trainer's step, evaluation, targets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparselens.spd import trainer as trainer_mod
+from sparselens.spd.config import SPDRunConfig
+from sparselens.spd.evaluate import ce_unrecovered, ci_patterns
+from sparselens.spd.run import FINAL_WEIGHTS, load_run, run_spd
+from sparselens.spd.tasks import load_task
+from sparselens.spd.trainer import SPDTrainer, mask_seed
+from sparselens.train.atomic import load_safetensors
+
+TMS_MODULES = [
+    {"pattern": "linear1", "C": 6},
+    {"pattern": "linear2", "C": 6, "tied_to": "linear1"},
+]
+
+
+def tiny(**kw) -> SPDRunConfig:
+    base = {
+        "target": "tms_5-2",
+        "decomposition": TMS_MODULES,
+        "ci_hidden": [4],
+        "steps": 8,
+        "batch_size": 32,
+        "eval_every": 4,
+        "eval_batches": 1,
+        "log_every": 2,
+        "checkpoint_every": 3,
+        "final_eval_samples": 64,
+        "faithfulness_warmup": {"steps": 3, "lr": 0.01, "weight_decay": 0.1},
+        "losses": {"importance_minimality": {"coeff": 3e-3}},
+        "progress": False,
+    }
+    return SPDRunConfig.model_validate({**base, **kw})
+
+
+@pytest.fixture
+def tms_task():
+    """A fresh target (a component model takes its target over: one task per trainer)."""
+    return load_task("tms_5-2")
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spd") / "run"
+    summary = run_spd(tiny(), out)
+    return out, summary
+
+
+def test_run_directory_layout(completed):
+    out, s = completed
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "report.md",
+                 FINAL_WEIGHTS, "plots/losses.png", "plots/ci_l0.png",
+                 "plots/component_norms.png", "plots/ci_histograms.png",
+                 "plots/ci_one_hot_linear1.png", "plots/ci_one_hot_linear2.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == [
+        "spd-00000006.json",
+        "spd-00000008.json",
+    ]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "completed" and m["kind"] == "spd-run" and m["seed"] == 0
+    assert m["decomposed_modules"] == ["linear1", "linear2"]
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("mmcs", "ml2r", "identity_ci_error", "dense_ci_error", "ci_l0", "wall_seconds",
+                "non_negligible", "recon", "step_ms", "train_seconds"):  # fmt: skip
+        assert key in saved, key
+    assert set(saved["ci_l0"]) == {"linear1", "linear2"}
+    assert set(saved["recon"]) == {"unmasked", "ci", "rounded", "stochastic", "zero", "random"}
+    assert saved["mmcs"] == s["mmcs"] and 0.0 <= s["mmcs"] <= 1.0
+    assert "![losses](plots/losses.png)" in (out / "report.md").read_text()
+
+
+def test_metrics_records(completed):
+    out, _ = completed
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = [(r["phase"], r["step"]) for r in recs]
+    assert phases[:2] == [("warmup", 0), ("eval", 0)]
+    assert [s for p, s in phases if p == "train"] == [2, 4, 6, 8]
+    assert [s for p, s in phases if p == "eval"] == [0, 4, 8]
+    train = [r for r in recs if r["phase"] == "train"]
+    assert all("loss/total" in r and math.isfinite(r["loss/total"]) for r in train)
+    assert train[0]["lr"] == pytest.approx(tiny().lr_at(1))
+    ev = [r for r in recs if r["phase"] == "eval"][-1]
+    assert {"recon/ci", "recon/stochastic", "ci_l0/linear1", "faithfulness"} <= set(ev)
+
+
+def test_stop_then_resume_is_bit_identical(completed, tmp_path):
+    """A run stopped after its first checkpoint and resumed ends with exactly the weights, Adam
+    state and metrics of the uninterrupted run."""
+    ref_out, ref_summary = completed
+    out = tmp_path / "run"
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_spd(tiny(), out, on_checkpoint=stop)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "interrupted"
+    assert not (out / "summary.json").exists()
+    summary = run_spd(tiny(), out, resume=True)
+    a, b = load_safetensors(ref_out / FINAL_WEIGHTS), load_safetensors(out / FINAL_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = ("wall_seconds", "train_seconds", "step_ms", "run_dir")
+    assert {k: v for k, v in summary.items() if k not in strip} == {
+        k: v for k, v in ref_summary.items() if k not in strip
+    }
+
+    def records(path):
+        return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(out) == records(ref_out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert [r["previous_status"] for r in m["resumes"]] == ["interrupted"]
+    # a completed run resumes to its summary; changed settings are refused
+    assert run_spd(tiny(), out, resume=True)["mmcs"] == summary["mmcs"]
+    with pytest.raises(ValueError, match=r"steps differs from the run's config\.yaml"):
+        run_spd(tiny(steps=9), out, resume=True)
+
+
+def test_load_run_gives_the_trained_model(completed):
+    out, _ = completed
+    model, config, task = load_run(out)
+    assert config == tiny()
+    weights = load_safetensors(out / FINAL_WEIGHTS)
+    params = dict(model.named_parameters())
+    for k, v in weights.items():
+        assert torch.equal(params[k], v)
+    x = task.sample(5, torch.Generator().manual_seed(0))
+    target, _ = model.target_output(x)
+    assert torch.equal(target, task.target(x))
+
+
+def test_new_run_refuses_a_used_directory(completed):
+    out, _ = completed
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_spd(tiny(), out)
+
+
+def test_bad_decomposition_fails_before_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="nonexistent"):
+        run_spd(tiny(decomposition=[{"pattern": "nonexistent", "C": 3}]), out)
+    assert not out.exists()
+
+
+def test_same_seed_same_weights_other_seed_differs(tms_task):
+    def weights(seed):
+        t = SPDTrainer(tiny(seed=seed), load_task("tms_5-2"))
+        t.faithfulness_warmup()
+        for _ in range(3):
+            t.train_step()
+        return t.trainable_state()
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_step_has_no_host_sync(tms_task, monkeypatch):
+    """The trainer's own code never reads a tensor on the host during a step (compute_losses is
+    stubbed, so syncs inside the method's losses do not count here; Adam's step counters are
+    host-side scalars by design and are exempt)."""
+    t = SPDTrainer(tiny(), tms_task)
+
+    def fake_losses(model, x, cfg, *, progress, generator=None):
+        w = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
+        noise = torch.rand((), generator=generator)
+        return w * (1 + noise), {"a": w.detach(), "b": x.sum()}
+
+    monkeypatch.setattr(trainer_mod, "compute_losses", fake_losses)
+    synced = []
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, **kwargs):
+            if not any(self is st.get("step") for st in t.opt.state.values()):
+                synced.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapped
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    before = [p.detach().clone() for p in t.params]
+    for _ in range(3):
+        t.train_step()
+    monkeypatch.undo()
+    assert synced == []
+    assert t.step == 3
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.params, strict=True))
+    log = t.pop_log()
+    assert set(log) == {"total", "a", "b"} and all(math.isfinite(v) for v in log.values())
+    assert t.pop_log() == {}
+
+
+def test_log_is_the_mean_over_the_interval(tms_task, monkeypatch):
+    """pop_log returns the mean of each term over the steps since the last call (not the last
+    value, not the sum)."""
+    t = SPDTrainer(tiny(), tms_task)
+    values = iter([1.0, 2.0, 6.0, 10.0])
+
+    def fake_losses(model, x, cfg, *, progress, generator=None):
+        v = torch.tensor(next(values))
+        w = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
+        return w * 0 + v, {"term": v * 2}
+
+    monkeypatch.setattr(trainer_mod, "compute_losses", fake_losses)
+    for _ in range(3):
+        t.train_step()
+    assert t.pop_log() == pytest.approx({"total": 3.0, "term": 6.0})
+    t.train_step()
+    assert t.pop_log() == pytest.approx({"total": 10.0, "term": 20.0})
+
+
+def test_rank_slices_of_the_global_batch(tms_task):
+    """Every rank draws the same global batch and keeps its contiguous slice, so the data do not
+    depend on the world size."""
+    cfg = tiny(batch_size=8)
+    full = SPDTrainer(cfg, tms_task).batch()
+    parts = []
+    for r in range(2):
+        t = SPDTrainer(cfg, load_task("tms_5-2"))
+        t.world, t.rank, t.local_batch = 2, r, 4
+        parts.append(t.batch())
+    assert torch.equal(torch.cat(parts), full)
+    assert len({mask_seed(0, r) for r in range(4)} | {0}) == 5
+
+
+def test_warmup_reduces_faithfulness_on_u_v_only(tms_task):
+    t = SPDTrainer(tiny(faithfulness_warmup={"steps": 50, "lr": 0.01}), tms_task)
+    from sparselens.spd.losses import faithfulness
+
+    ci_before = {k: v for k, v in t.trainable_state().items() if k.startswith("ci_fns")}
+    with torch.no_grad():
+        before = float(faithfulness(t.model.weight_deltas()))
+    after = t.faithfulness_warmup()
+    assert after < 0.2 * before
+    ci_after = {k: v for k, v in t.trainable_state().items() if k.startswith("ci_fns")}
+    assert ci_before and all(torch.equal(ci_before[k], ci_after[k]) for k in ci_before)
+    assert all(p.grad is None for p in t.params)
+
+
+def test_ci_patterns_of_the_toys():
+    task = load_task("tms_5-2_id")
+    t = SPDTrainer(tiny(target="tms_5-2_id", decomposition=None, C=4), task)
+    pats = [(p.label, p.kind, p.k) for p in ci_patterns(task, t.model)]
+    assert pats == [
+        ("linear1", "identity", None),
+        ("hidden_layers.0", "dense", 2),
+        ("linear2", "identity", None),
+    ]
+
+
+def test_ce_unrecovered():
+    """(CE - CE_target) / (CE_zero - CE_target). Catches the variant divided by CE_zero alone
+    (0.25 here instead of 0.5) and the one without subtracting the target's CE."""
+    assert ce_unrecovered(2.0, 1.0, 3.0) == pytest.approx(0.5)
+    assert ce_unrecovered(1.0, 1.0, 3.0) == 0.0
+    assert ce_unrecovered(3.0, 1.0, 3.0) == 1.0
+    assert math.isnan(ce_unrecovered(1.0, 1.0, 1.0))
+
+
+def test_resid_target_is_trained_once_and_cached(tmp_path, monkeypatch):
+    from sparselens.spd.targets import resid_mlp
+
+    monkeypatch.setenv("SPARSELENS_CACHE", str(tmp_path))
+    real = resid_mlp.train_resid_mlp
+    calls = []
+
+    def quick(cfg, *, seed=0, **kw):
+        calls.append(seed)
+        return real(cfg, seed=seed, steps=2, batch_size=8)
+
+    monkeypatch.setattr(resid_mlp, "train_resid_mlp", quick)
+    a = load_task("resid_mlp1", target_seed=3)
+    b = load_task("resid_mlp1", target_seed=3)
+    assert calls == [3]
+    assert a.info["target_trained_now"] and not b.info["target_trained_now"]
+    assert (tmp_path / "spd_targets" / "resid_mlp1-seed3").exists()
+    x = a.sample(4, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 100)
+    assert torch.equal(a.target(x), b.target(x))
+    assert [d.pattern for d in a.decomposition()] == ["layers.0.mlp_in", "layers.0.mlp_out"]
+
+
+def test_minigpt_task_windows(monkeypatch):
+    task = load_task("minigpt")
+    x = task.sample(3, torch.Generator().manual_seed(0))
+    ctx = task.target.config.context_len
+    assert x.shape == (3, ctx) and x.dtype == torch.long
+    assert int(x.max()) < task.target.config.vocab_size
+    assert [d.pattern for d in task.decomposition(8)][:2] == [
+        "blocks.0.mlp.fc_in",
+        "blocks.0.mlp.fc_out",
+    ]
+
+
+def test_minigpt_run_reports_ce_and_kl(tmp_path):
+    cfg = SPDRunConfig.model_validate(
+        {
+            "target": "minigpt",
+            "decomposition": [{"pattern": "blocks.1.mlp.fc_in", "C": 8}],
+            "ci_fn": "shared_mlp",
+            "ci_hidden": [8],
+            "losses": {"output_loss": "kl", "importance_minimality": {"coeff": 1e-3}},
+            "steps": 2,
+            "batch_size": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "final_eval_samples": 4,
+            "progress": False,
+        }
+    )
+    s = run_spd(cfg, tmp_path / "run")
+    lm = s["lm"]
+    assert set(lm["ce"]) == {"ci", "unmasked", "rounded", "zero", "random"}
+    assert lm["ce_target"] < 3.0  # the bundled model knows its corpus
+    assert lm["ce_unrecovered"]["zero"] == pytest.approx(1.0)
+    assert lm["kl"]["unmasked"] >= 0
+    assert "mmcs" not in s and "identity_ci_error" not in s
+
+
+def test_public_names_resolve():
+    import sparselens.spd as spd
+
+    for name in spd.__all__:
+        assert getattr(spd, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = spd.nope
+
+
+def test_evaluations_do_not_change_the_training_trajectory(tmp_path):
+    """Evaluations draw from their own generators inside fork_rng: the final weights are the
+    same whether a run evaluates every step or only at the end (fails if an evaluation drew from
+    a stream the training step uses)."""
+    a = run_spd(tiny(eval_every=1, steps=4), tmp_path / "a")
+    b = run_spd(tiny(eval_every=1000, steps=4), tmp_path / "b")
+    wa, wb = (
+        load_safetensors(tmp_path / "a" / FINAL_WEIGHTS),
+        load_safetensors(tmp_path / "b" / FINAL_WEIGHTS),
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["recon"] == b["recon"]
