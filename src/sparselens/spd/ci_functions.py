@@ -19,6 +19,7 @@ Kaiming normal with ReLU gain (``std = sqrt(2 / fan_in)``), the last layer linea
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 
 from sparselens.core.checks import check_choice, check_int
 from sparselens.core.sigmoids import lower_leaky, upper_leaky
+
+logger = logging.getLogger(__name__)
 
 CIKind = Literal["mlp", "vector_mlp", "shared_mlp"]
 CI_KINDS: tuple[str, ...] = ("mlp", "vector_mlp", "shared_mlp")
@@ -88,6 +91,36 @@ class _OneHiddenMLP(torch.autograd.Function):
         return dh, dw1, db1, dw2, dzt.sum(1)
 
 
+def _one_hidden_broadcast(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """The one-hidden-layer ``mlp`` CI function in a component-major layout, for torch.compile."""
+    lead = h.shape[:-1]
+    ht = h.reshape(-1, h.shape[-1]).T  # (C, N)
+    a = torch.addcmul(b1.unsqueeze(1), ht.unsqueeze(-1), w1.unsqueeze(1))  # (C, N, H)
+    z = (F.gelu(a) * w2.unsqueeze(1)).sum(-1)
+    return (z.T + b2).reshape(*lead, -1)
+
+
+class _Compiled:
+    """``torch.compile`` of :func:`_one_hidden_broadcast`, built on first use; if compiling fails
+    (e.g. no C++ compiler for inductor) it logs once and the eager fused path is used instead."""
+
+    fn: Any = None
+    failed = False
+
+    @classmethod
+    def run(cls, *args: Tensor) -> Tensor | None:
+        if cls.failed:
+            return None
+        try:
+            if cls.fn is None:
+                cls.fn = torch.compile(_one_hidden_broadcast, dynamic=False)
+            return cls.fn(*args)
+        except Exception as e:  # any inductor/dynamo failure: fall back, never fail the run
+            cls.failed = True
+            logger.warning("torch.compile of the CI function failed (%s); running eager", e)
+            return None
+
+
 class MLPCI(nn.Module):
     """``mlp``: C independent MLPs ``1 -> hidden... -> 1`` on the component activations."""
 
@@ -96,6 +129,10 @@ class MLPCI(nn.Module):
     def __init__(self, C: int, hidden: list[int]) -> None:
         super().__init__()
         self.C = C
+        self.compiled = False
+        """Training passes (grad enabled) of a one-hidden-layer MLP run through torch.compile
+        (about 2x faster on CPU; the first call compiles, ~5-15 s; shapes are fixed, so eval
+        passes without grad stay eager)."""
         widths = [1, *hidden]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -108,9 +145,12 @@ class MLPCI(nn.Module):
 
     def forward(self, x: Tensor, acts: Tensor) -> Tensor:
         if len(self.weights) == 1 and acts.numel():
-            return _OneHiddenMLP.apply(
-                acts, self.weights[0][:, 0, :], self.biases[0], self.w_out, self.b_out
-            )
+            args = (acts, self.weights[0][:, 0, :], self.biases[0], self.w_out, self.b_out)
+            if self.compiled and torch.is_grad_enabled():
+                out = _Compiled.run(*args)
+                if out is not None:
+                    return out
+            return _OneHiddenMLP.apply(*args)
         return self.reference_forward(acts)
 
     def reference_forward(self, acts: Tensor) -> Tensor:

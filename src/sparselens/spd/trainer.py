@@ -62,6 +62,10 @@ class SPDTrainer:
         self.model = ComponentModel(
             task.target, decomposition, ci_fn=config.ci_fn, ci_hidden=list(config.ci_hidden)
         )
+        if config.compile_ci:
+            for fn in self.model.ci_fns.values():
+                if hasattr(fn, "compiled"):
+                    fn.compiled = True
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=config.lr.start, weight_decay=0.0)
