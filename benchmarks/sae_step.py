@@ -13,7 +13,11 @@ sparselens with this interpreter; runs alternate sparsify, sparselens, ... for `
 rounds. Warm-up steps are excluded; tokens/s is 4096 / the median step time of a run, and the
 table reports the median over rounds (min–max over rounds). Peak memory is the process RSS
 high-water mark over the steps minus the RSS after setup (see the worker's docstring).
-A markdown table goes to stdout, progress to stderr, everything to ``--output`` (JSON).
+A markdown table goes to stdout, progress to stderr, everything to ``--output`` (JSON), with the
+1-minute load average before every run (the machine is shared: compare ratios, not absolute
+numbers). Both sides use torch's defaults for their own code: sparsify's encoder GEMM is
+``F.linear`` (MKL sgemm), sparselens' goes through oneDNN on CPU (``sparselens_onednn`` in the
+JSON); ``SPARSELENS_ONEDNN=0 python benchmarks/sae_step.py --output ...`` measures without it.
 
     python benchmarks/sae_step.py                      # the full benchmark (a few minutes)
     python benchmarks/sae_step.py --quick              # 1 round, 3 steps: a smoke run
@@ -66,6 +70,23 @@ def ensure_sparsify_venv(venv: Path) -> Path:
     if not found["torch"].startswith("2.13.0") or found["lib"] != "1.3.3":
         raise RuntimeError(f"{venv}: need torch 2.13.0 and eai-sparsify 1.3.3, found {found}")
     return python
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def onednn_probe(python: Path) -> bool | None:
+    """Whether sparselens' encoder GEMMs go through oneDNN in ``python``'s environment."""
+    found = probe(
+        python,
+        "import json; from sparselens.sae import kernels;"
+        "print(json.dumps({'onednn': kernels.use_onednn(None)}))",
+    )
+    return None if found is None else bool(found["onednn"])
 
 
 def source_fingerprint() -> str | None:
@@ -142,7 +163,9 @@ def step0_note(summary: dict[str, Any]) -> str | None:
     )
 
 
-def table(summary: dict[str, Any], libs: list[str], rounds: int) -> str:
+def table(
+    summary: dict[str, Any], libs: list[str], rounds: int, load: list[float] | None = None
+) -> str:
     """The markdown comparison table."""
     head = (
         "| library | mode | tokens/s, median (min–max) | ratio sparselens / sparsify "
@@ -184,6 +207,11 @@ def table(summary: dict[str, Any], libs: list[str], rounds: int) -> str:
             )
     if (note := step0_note(summary)) is not None:
         notes.append(note)
+    if load is not None:
+        notes.append(
+            "1-minute load average before the runs: median "
+            f"{statistics.median(load):.2f} (min {min(load):.2f}, max {max(load):.2f})"
+        )
     notes.append(
         f"{rounds} alternating round(s); tokens/s per run = 4096 / median timed step, then "
         "median (min–max) over rounds; peak RSS Δ = VmHWM over warm-up + timed steps − RSS "
@@ -252,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         "steps": a.steps,
     }
     fp_start = source_fingerprint()
+    load_start = _loadavg()
+    onednn = onednn_probe(pythons["sparselens"]) if "sparselens" in pythons else None
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sparselens-sae-bench-") as d:
         tmp = Path(d)
@@ -259,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode, auxk in MODES:
                 for lib in libs:
                     settings = {**base, "auxk": auxk}
+                    load_before = _loadavg()
                     res = run_worker(
                         pythons[lib],
                         WORKER,
@@ -268,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                         tmp / f"{lib}-{mode}-{r}.json",
                     )
                     res["round"], res["mode"] = r, mode
+                    res["loadavg_before"] = load_before
                     runs.append(res)
                     log(
                         f"round {r + 1}/{a.rounds} {mode:7s} {lib:10s}: "
@@ -279,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                     )
     fp_end = source_fingerprint()
     summary = summarise(runs, libs)
-    md = table(summary, libs, a.rounds)
+    loads = [r["loadavg_before"][0] for r in runs if r.get("loadavg_before")]
+    md = table(summary, libs, a.rounds, loads or None)
     if "sparselens" in libs and fp_start != fp_end:
         md += (
             "\n\nWARNING: src/sparselens/sae changed during the run "
@@ -287,15 +320,17 @@ def main(argv: list[str] | None = None) -> None:
         )
     if "sparselens" not in libs and "sparselens" in a.libraries:
         md += "\n\nsparselens.sae was not importable: sparsify side only, no ratios."
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     result = {
         "benchmark": "TopK SAE training step, topk-sae.md §3.2 workload",
         "command": " ".join(["python", "benchmarks/sae_step.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": load},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
+        },
+        "sparselens_onednn": onednn,
         "settings": base,
         "libraries": libs,
         "sparselens_sae_sha256_16": {"start": fp_start, "end": fp_end},

@@ -166,3 +166,139 @@ def test_total_loss_gradient_matches_dense_reference_with_few_positive() -> None
         torch.autograd.grad(loss, params), torch.autograd.grad(ref, params), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_dead", [0, 4, 6, 30])
+def test_sync_free_aux_path_matches_reference(n_dead: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device-side AuxK path (no host sync; default off CPU): masked top-k_aux over all
+    latents, scale as a tensor. Same loss and gradients as the dense reference, including
+    num_dead < k_aux (live latents picked there must count as zero) and no dead latent (0)."""
+    from sparselens.sae import sparse_coder
+
+    monkeypatch.setattr(sparse_coder, "SYNC_FREE_AUX", True)
+    sae, x, dead = _sae(), _x(), _dead(n_dead)
+    loss = sae(x, dead_mask=dead).auxk_loss
+    if n_dead == 0:
+        assert loss.item() == 0.0
+        return
+    ref = _reference(sae, x, dead)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    for a, b in zip(
+        torch.autograd.grad(loss, params), torch.autograd.grad(ref, params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_fast_path_matches_float64_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarked configuration (float32, oneDNN where available, several row chunks,
+    dense AuxK, Multi-TopK) against the float64 dense reference: loss and every gradient."""
+    from sparselens.sae import kernels
+
+    monkeypatch.setattr(kernels, "CHUNK_ELEMS", 5 * M)  # 5 rows per chunk
+    sae64 = _sae(multi_topk=True)
+    sae32 = SparseCoder(D, sae64.cfg)
+    sae32.load_state_dict({k: v.float() for k, v in sae64.state_dict().items()})
+    x, dead = _x(), _dead(12)
+    out = sae32(x.float(), dead_mask=dead)
+    loss = out.fvu + sae32.cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+    ref_out = sae64(x, dead_mask=dead)
+    ref = (
+        ref_out.fvu
+        + sae64.cfg.auxk_alpha * _reference(sae64, x, dead)
+        + (ref_out.multi_topk_fvu / 8)
+    )
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(loss, list(sae32.parameters())),
+        torch.autograd.grad(ref, list(sae64.parameters())),
+        strict=True,
+    ):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def _with_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return base.detach().index_put((rows,), values)
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse", "sync_free"])
+def test_gradcheck_auxk_wrt_dead_latents_encoder_and_decoder(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finite differences of the AuxK loss w.r.t. the dead latents' encoder rows, encoder biases
+    and decoder rows (b_dec != 0). The dead latents are never in any token's top-k, so the
+    detached residual e does not move with them and the numerical derivative is the AuxK
+    gradient itself. Fails if the encoder gets no AuxK gradient (sparsify's fused backward) or
+    if it ignores the ReLU mask."""
+    from torch.func import functional_call
+
+    from sparselens.sae import sparse_coder
+
+    if path == "sparse":
+        monkeypatch.setattr(sparse_coder, "DENSE_AUX_RATIO", 0)
+    if path == "sync_free":
+        monkeypatch.setattr(sparse_coder, "SYNC_FREE_AUX", True)
+    sae, x = _sae(k_aux=4), _x(16)
+    with torch.no_grad():
+        pre = F.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+        kth = pre.topk(K, dim=1).values[:, -1:]
+        used = torch.zeros(M, dtype=torch.bool)
+        used[pre.topk(K, dim=1).indices.reshape(-1)] = True
+        # dead = never in a top-k, with a margin, and positive somewhere
+        margin_ok = ((pre < kth - 1e-3) | (pre == 0)).all(0)
+        candidates = (~used & margin_ok & (pre > 1e-3).any(0)).nonzero().squeeze(1)
+    assert candidates.numel() >= 10
+    rows = candidates[:10]  # > k_aux: the aux top-k selection matters
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[rows] = True
+    names = dict(sae.named_parameters())
+
+    def f(w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+        params = {
+            **names,
+            "encoder.weight": _with_rows(names["encoder.weight"], rows, w_enc),
+            "encoder.bias": _with_rows(names["encoder.bias"], rows, b_enc),
+            "W_dec": _with_rows(names["W_dec"], rows, w_dec),
+        }
+        return functional_call(sae, params, (x,), {"dead_mask": dead}).auxk_loss
+
+    inputs = tuple(
+        names[n].detach()[rows].clone().requires_grad_()
+        for n in ("encoder.weight", "encoder.bias", "W_dec")
+    )
+    assert f(*inputs).item() > 0
+    g_enc = torch.autograd.grad(f(*inputs), inputs[:2])
+    assert all(gr.abs().sum() > 0 for gr in g_enc)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_gradcheck_fvu_and_multi_topk_wrt_all_parameters(transcode: bool) -> None:
+    """Finite differences of fvu + multi_topk_fvu / 8 w.r.t. every parameter (W_skip for the
+    transcoder) with b_dec != 0 and b_enc << 0, so some tokens have fewer than k positive
+    pre-activations. Fails for a straight-through encoder backward or a b_dec gradient that
+    misses the encoder input path."""
+    from torch.func import functional_call
+
+    cfg: dict[str, object] = {"multi_topk": True}
+    if transcode:
+        cfg.update(transcode=True, skip_connection=True)
+    sae, x = _sae(**cfg), _x(10)
+    with torch.no_grad():
+        sae.encoder.bias.sub_(1.5)
+        sae.W_dec.normal_(std=0.5)
+        if sae.W_skip is not None:
+            sae.W_skip.normal_(std=0.2)
+    y = x @ torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    x_in = x if transcode else x - sae.b_dec
+    pos = (F.linear(x_in, sae.W_enc, sae.b_enc) > 0).sum(1)
+    assert (pos < K).any() and (pos > 0).any()
+    names = [n for n, _ in sae.named_parameters()]
+    args = (x, y) if transcode else (x,)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        out = functional_call(sae, dict(zip(names, ps, strict=True)), args)
+        return out.fvu + out.multi_topk_fvu / 8
+
+    inputs = tuple(p.detach().clone().requires_grad_() for p in sae.parameters())
+    assert torch.autograd.gradcheck(f, inputs)

@@ -271,3 +271,39 @@ def test_corrupt_and_pickle_weights_rejected(tmp_path: Path) -> None:
     save_file({}, str(d / "sae.safetensors"))
     with pytest.raises(ValueError, match="holds no tensors"):
         load_sparse_coder(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchtopk_threshold_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The JumpReLU threshold is saved and loaded (float32, whatever the weights' dtype), so the
+    loaded coder's eval outputs are identical; a plain TopK file keeps sparsify's tensor set."""
+    sae = _sae(dtype=dtype, activation="batchtopk")
+    with torch.no_grad():
+        sae.threshold.fill_(0.37)
+    out = save_sparse_coder(sae, tmp_path / "btk")
+    tensors = load_file(out / "sae.safetensors")
+    assert tensors["threshold"].shape == () and tensors["threshold"].dtype == torch.float32
+    back = load_sparse_coder(out)
+    assert back.dtype == dtype and back.threshold.item() == pytest.approx(0.37)
+    x = torch.randn(5, 8).to(dtype)
+    sae.eval()
+    back.eval()
+    assert torch.equal(back(x).sae_out, sae(x).sae_out)
+    enc_only = load_sparse_coder(out, decoder=False)
+    assert enc_only.threshold.item() == pytest.approx(0.37)
+    plain = save_sparse_coder(_sae(), tmp_path / "plain")
+    assert set(load_file(plain / "sae.safetensors")) == {
+        "encoder.weight",
+        "encoder.bias",
+        "W_dec",
+        "b_dec",
+    }
+
+
+def test_batchtopk_file_without_threshold_rejected(tmp_path: Path) -> None:
+    out = save_sparse_coder(_sae(activation="batchtopk"), tmp_path / "btk")
+    tensors = load_file(out / "sae.safetensors")
+    del tensors["threshold"]
+    save_file(tensors, str(out / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"sae\.safetensors: missing tensors threshold$"):
+        load_sparse_coder(out)

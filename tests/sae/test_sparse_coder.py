@@ -138,6 +138,9 @@ def test_bad_inputs_raise_one_line_errors() -> None:
     x[1, 2] = float("inf")
     with pytest.raises(ValueError, match="finite"):
         sae(torch.zeros(4, 8, dtype=torch.float64), x)
+    x[1, 2] = -float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        sae(x)
     with pytest.raises(ValueError, match="dead_mask"):
         sae(torch.zeros(4, 8, dtype=torch.float64), dead_mask=torch.zeros(5, dtype=torch.bool))
 

@@ -6,7 +6,8 @@ One directory per hookpoint (reference sheet §1.3/§1.5) holding
   write our extra fields (``auxk_alpha``, ``k_aux``, ...) and, optionally, a ``"provenance"``
   entry. sparsify's ``load_from_disk`` drops fields it does not know, so it loads our files.
 * ``sae.safetensors``: sparsify's tensor names ``encoder.weight`` (M, d), ``encoder.bias`` (M,),
-  ``W_dec`` (M, d), ``b_dec`` (d,) and, with ``skip_connection``, ``W_skip`` (d, d).
+  ``W_dec`` (M, d), ``b_dec`` (d,) and, with ``skip_connection``, ``W_skip`` (d, d). A BatchTopK
+  coder (not a sparsify format) adds its 0-d inference ``threshold`` (JumpReLU, float32).
 
 Loading follows sparsify's ``SparseCoder.load_from_disk``: the dtype is that of the first tensor
 of the safetensors file, unknown ``cfg.json`` fields are dropped (with a logged note) and
@@ -35,6 +36,7 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
 PROVENANCE_KEY = "provenance"
 _DECODER_TENSORS = ("W_dec", "W_skip")
+THRESHOLD_NAME = "threshold"
 
 
 def save_sparse_coder(
@@ -132,7 +134,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], torch.dtype]:
         raise ValueError(f"{path}: not a readable safetensors file ({msg})") from None
     if not keys:
         raise ValueError(f"{path}: holds no tensors")
-    return tensors, tensors[keys[0]].dtype
+    weights = [k for k in keys if k != THRESHOLD_NAME] or keys
+    return tensors, tensors[weights[0]].dtype
 
 
 def load_sparse_coder(
@@ -143,9 +146,10 @@ def load_sparse_coder(
 ) -> SparseCoder:
     """Load a sparse coder saved by sparsify's ``save_to_disk`` or :func:`save_sparse_coder`.
 
-    ``decoder=False`` loads ``encoder.*`` and ``b_dec`` only (sparsify's encoder-only load):
-    ``W_dec``/``W_skip`` in the file are ignored and the returned module's decoder keeps its
-    initial values, so use it for :meth:`~sparselens.sae.SparseCoder.encode` only.
+    ``decoder=False`` loads ``encoder.*``, ``b_dec`` (and ``threshold``) only (sparsify's
+    encoder-only load): ``W_dec``/``W_skip`` in the file are ignored and the returned module's
+    decoder keeps its initial values, so use it for :meth:`~sparselens.sae.SparseCoder.encode`
+    only. A BatchTopK file without ``threshold`` is rejected (its eval outputs would differ).
     Raises ``FileNotFoundError`` for a missing directory or file and ``ValueError`` (one line,
     naming the file) for invalid JSON, an invalid config, an unreadable safetensors file,
     missing/unexpected tensors, shape mismatches and non-finite or non-float weights.
@@ -168,6 +172,8 @@ def load_sparse_coder(
     }
     if cfg.skip_connection:
         expected["W_skip"] = (d_in, d_in)
+    if cfg.activation == "batchtopk":
+        expected[THRESHOLD_NAME] = ()
     if not decoder:
         for name in _DECODER_TENSORS:
             expected.pop(name, None)
@@ -198,7 +204,7 @@ def load_sparse_coder(
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from None
     with torch.no_grad():
-        params = dict(sae.named_parameters())
+        params = {**dict(sae.named_parameters()), **dict(sae.named_buffers())}
         for name, t in tensors.items():
             params[name].copy_(t)
     return sae

@@ -5,6 +5,10 @@ Field names and defaults follow EleutherAI sparsify's ``SparseCoderConfig`` so t
 "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093, App. A.2): ``auxk_alpha`` 1/32,
 ``k_aux`` a power of two near ``d_in / 2``, dead = no activation above ``fire_threshold``
 (1e-3, as OpenAI's ``sparse_autoencoder/train.py``) for ``dead_tokens`` (10M) tokens.
+``activation="batchtopk"`` (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders", arXiv
+2412.06410) keeps the N*k largest activations of a batch in training and, for inference, a
+JumpReLU threshold: an EMA (rate ``threshold_lr``, 0.01 as SAELens) of the smallest positive
+selected activation per batch.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class SparseCoderConfig(BaseModel):
     )
     dead_tokens: int = Field(10_000_000, ge=1, description="tokens without firing => dead")
     fire_threshold: float = Field(1e-3, ge=0.0, description="a latent fires when its act > this")
+    threshold_lr: float = Field(
+        0.01,
+        gt=0.0,
+        le=1.0,
+        description="batchtopk: EMA rate of the inference threshold (SAELens topk_threshold_lr)",
+    )
 
     @model_validator(mode="after")
     def _k_fits(self) -> SparseCoderConfig:

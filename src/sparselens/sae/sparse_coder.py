@@ -22,13 +22,21 @@ Losses returned by :meth:`SparseCoder.forward` (a trainer minimises
   reconstruction (with ``W_skip``); the returned ``sae_out``/``latent_acts``/``latent_indices``
   stay the k versions.
 
-One encoder backward covers the top-k ∪ aux ∪ 4k entries (:func:`~sparselens.sae.kernels.
-encoder_select`) and respects the ReLU mask; decoding is an embedding-bag product.
+BatchTopK (``activation="batchtopk"``, Bussmann et al. 2024, arXiv 2412.06410) keeps the N*k
+largest activations of the batch in train mode and updates the 0-d buffer ``threshold`` (an EMA,
+rate ``threshold_lr``, of the smallest positive selected activation, as SAELens); in eval mode it
+is a JumpReLU ``a = ReLU(pre) * (pre > threshold)``, so inference is per token.
+
+Kernels (:mod:`sparselens.sae.kernels`): the pre-activations are formed in row chunks without
+autograd (no (N, M) buffer on CPU); one encoder backward covers the top-k ∪ aux ∪ 4k entries and
+the dense dead-latent AuxK code and respects the ReLU mask; the main and AuxK decodes share one
+backward. On CPU the AuxK path reads the dead count on the host (free there); elsewhere it stays
+on the device.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +44,22 @@ from torch import Tensor, nn
 
 from sparselens.core.checks import check_finite, check_int
 from sparselens.sae.config import SparseCoderConfig
-from sparselens.sae.fvu import fvu as fvu_fn
 from sparselens.sae.fvu import total_variance as total_variance_fn
-from sparselens.sae.kernels import encoder_select, preactivations, topk_decode
+from sparselens.sae.kernels import (
+    LazyLayout,
+    Selection,
+    decode,
+    encoder_grad,
+    linear,
+    topk_decode,
+    topk_select,
+)
 
-#: AuxK decodes densely over the dead sub-dictionary when num_dead <= this * k_aux.
+#: AuxK runs densely over the dead sub-dictionary when num_dead <= this * k_aux.
 DENSE_AUX_RATIO = 16
+
+#: Use the device-side AuxK path (no host sync) on CPU too (it is the default elsewhere).
+SYNC_FREE_AUX = False
 
 
 class EncoderOutput(NamedTuple):
@@ -94,6 +112,9 @@ class SparseCoder(nn.Module):
             if cfg.skip_connection
             else None
         )
+        self.threshold: Tensor
+        if cfg.activation == "batchtopk":
+            self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
     @property
     def num_latents(self) -> int:
@@ -149,9 +170,9 @@ class SparseCoder(nn.Module):
         if g is None:
             raise ValueError("W_dec.grad is None: call backward() before projecting the gradient")
         w = self.W_dec.data
-        sq = w.pow(2).sum(1, keepdim=True)
-        coef = (g * w).sum(1, keepdim=True) / sq.clamp_min(torch.finfo(w.dtype).tiny)
-        g.sub_(coef * w)
+        sq = torch.linalg.vector_norm(w, dim=1, keepdim=True).square_()
+        coef = torch.linalg.vecdot(g, w).unsqueeze(1) / sq.clamp_min(torch.finfo(w.dtype).tiny)
+        g.addcmul_(w, coef, value=-1.0)  # no (M, d) temporary
 
     # ---- encode / decode ----------------------------------------------------------------------
 
@@ -165,39 +186,56 @@ class SparseCoder(nn.Module):
             )
         if t.numel() == 0:
             raise ValueError(f"{name} must hold at least one token, got shape {tuple(t.shape)}")
-        check_finite(name, t)
+        if t.is_floating_point():  # one fused min/max pass (NaN propagates), 15x faster than
+            lo, hi = torch.aminmax(t)  # isfinite(t).all(); check_finite words the error
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                check_finite(name, t)
+        else:
+            check_finite(name, t)
         return t.reshape(-1, self.d_in).to(self.dtype)
 
     def _encoder_input(self, x: Tensor) -> Tensor:
-        return x if self.cfg.transcode else x - self.b_dec
+        """``x - b_dec`` (``x`` for a transcoder), without autograd."""
+        with torch.no_grad():
+            return x if self.cfg.transcode else x - self.b_dec
 
-    def _select(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-        """Indices (N, k') of the active latents and, for BatchTopK, a keep mask (N, k').
+    def _b_pre(self) -> Tensor | None:
+        return None if self.cfg.transcode else self.b_dec
 
-        BatchTopK keeps the N*k largest pre-activations of the batch; rows are padded to the
-        widest row and the padding is masked out (its activation multiplied by 0).
-        """
-        if self.cfg.activation == "topk":
-            return pre.topk(k, dim=1, sorted=False).indices, None
-        n, m = pre.shape
-        flat = pre.reshape(-1).topk(min(n * k, n * m), sorted=False).indices
-        mask = torch.zeros(n * m, dtype=torch.bool, device=pre.device)
-        mask[flat] = True
-        mask = mask.view(n, m)
-        k_row = max(int(mask.sum(1).max()), 1)  # host sync: BatchTopK rows vary in width
-        idx = pre.masked_fill(~mask, float("-inf")).topk(k_row, dim=1, sorted=False).indices
-        return idx, mask.gather(1, idx)
+    def _selection_mode(self) -> dict[str, Any]:
+        """BatchTopK trains on the batch's top N*k and infers with the JumpReLU threshold."""
+        if self.cfg.activation != "batchtopk":
+            return {}
+        if self.training:
+            return {"batch": True}
+        return {"threshold": self.threshold}
+
+    @torch.no_grad()
+    def _update_threshold(self, min_positive: Tensor | None) -> None:
+        """EMA of the smallest positive selected activation (SAELens ``topk_threshold``,
+        ``lr = threshold_lr``); a batch without positive activations leaves it unchanged."""
+        if min_positive is None or not self.training:
+            return
+        lr = self.cfg.threshold_lr
+        thr = self.threshold
+        mp = min_positive.to(thr.dtype)
+        thr.copy_(torch.where(torch.isfinite(mp), (1 - lr) * thr + lr * mp, thr))
 
     def encode(self, x: Tensor) -> EncoderOutput:
-        """Encode (..., d_in) inputs to ``EncoderOutput`` of flattened (N, k) tensors."""
+        """Encode (..., d_in) inputs to ``EncoderOutput`` of flattened (N, k) tensors.
+
+        ``pre_acts`` is the dense (N, M) ReLU'd matrix (sparsify's field; no gradient). A
+        BatchTopK coder selects the batch's top N*k in train mode (and updates ``threshold``)
+        and applies the JumpReLU threshold in eval mode.
+        """
         x2 = self._flat(x, "x")
         x_in = self._encoder_input(x2)
-        pre = preactivations(x_in, self.W_enc, self.b_enc)
-        idx, keep = self._select(pre, self.cfg.k)
-        acts = encoder_select(x_in, self.W_enc, self.b_enc, idx, pre)
-        if keep is not None:
-            acts = acts * keep
-        return EncoderOutput(acts, idx, pre.clamp_min_(0.0))
+        sel = topk_select(x_in, self.W_enc, self.b_enc, self.cfg.k, **self._selection_mode())
+        self._update_threshold(sel.min_positive)
+        acts, _ = encoder_grad(
+            x2, self._b_pre(), self.W_enc, self.b_enc, x_in, sel.indices, sel.values
+        )
+        return EncoderOutput(acts, sel.indices, linear(x_in, self.W_enc, self.b_enc, relu=True))
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """``sum_j a_j W_dec[i_j] + b_dec`` for (N, k) acts and indices (no ``W_skip``)."""
@@ -206,20 +244,73 @@ class SparseCoder(nn.Module):
     def _skip(self, out: Tensor, x: Tensor) -> Tensor:
         return out if self.W_skip is None else out + F.linear(x, self.W_skip)
 
-    def _decode_aux(
-        self, aux_idx: Tensor, aux_local: Tensor, dead_idx: Tensor, aux_acts: Tensor
-    ) -> Tensor:
-        """``ehat = W_dec^T z_aux`` without ``b_dec`` (sparsify #134).
+    def _aux_plan(self, dead_mask: Tensor | None, device: torch.device) -> _AuxPlan | None:
+        """How AuxK runs this step: dense over the dead columns (``num_dead <= DENSE_AUX_RATIO
+        * k_aux``; reference sheet §3.5: ~5x faster than the sparse path at k_aux = 256) or a
+        masked sparse top-k_aux. On CPU the dead count is read on the host (free there); on
+        other devices (or with ``SYNC_FREE_AUX``) it stays on the device: sparse path, scale as
+        a tensor, no host sync."""
+        cfg, m = self.cfg, self.num_latents
+        if dead_mask is None or cfg.auxk_alpha <= 0:
+            return None
+        if (
+            not isinstance(dead_mask, Tensor)
+            or dead_mask.shape != (m,)
+            or (dead_mask.dtype != torch.bool)
+        ):
+            raise ValueError(f"dead_mask must be a bool tensor of shape ({m},)")
+        mask = dead_mask.to(device)
+        if SYNC_FREE_AUX or device.type != "cpu":
+            scale = (mask.sum().to(self.dtype) / self.k_aux).clamp(max=1.0)
+            return _AuxPlan(None, mask, self.k_aux, scale)
+        cols = mask.nonzero().squeeze(1)
+        num_dead = cols.numel()
+        if num_dead == 0:
+            return None
+        k_aux = min(self.k_aux, num_dead)
+        scale_f = min(num_dead / self.k_aux, 1.0)
+        if num_dead <= DENSE_AUX_RATIO * self.k_aux:
+            return _AuxPlan(cols, None, k_aux, scale_f)
+        return _AuxPlan(None, mask, k_aux, scale_f)
 
-        With few dead latents (``num_dead <= DENSE_AUX_RATIO * k_aux``) this is a dense GEMM over
-        the dead sub-dictionary (``index_select`` of its rows; reference sheet §3.5: ~5x faster
-        than the sparse path at k_aux = 256), else the embedding-bag decode.
+    def _encoder_grad(
+        self,
+        x: Tensor,
+        x_in: Tensor,
+        sel: Selection,
+        cols: Tensor | None,
+        layouts: tuple[LazyLayout, LazyLayout | None],
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """One encoder backward for the main, 4k and sparse AuxK sets and the dense AuxK code.
+
+        Returns ``(acts, acts_4k, aux_acts, aux_z)`` (None where inactive). For TopK the top-k
+        is the first k columns of the sorted top-4k, so the 4k set alone carries both.
+        ``layouts`` (of ``sel.indices`` and ``sel.multi_indices``, shared with the decodes) are
+        used when the encoder's index set is one of those alone.
         """
-        if dead_idx.numel() <= DENSE_AUX_RATIO * aux_idx.shape[1]:
-            z = aux_acts.new_zeros(aux_acts.shape[0], dead_idx.numel())
-            z = z.scatter(1, aux_local, aux_acts)
-            return z @ self.W_dec.index_select(0, dead_idx)
-        return topk_decode(aux_idx, aux_acts, self.W_dec)
+        sets: list[tuple[Tensor, Tensor]] = []
+        if sel.multi_values is not None and sel.multi_indices is not None:
+            sets.append((sel.multi_values, sel.multi_indices))
+        nested = bool(sets) and self.cfg.activation == "topk"
+        if not nested:
+            sets.insert(0, (sel.values, sel.indices))
+        if sel.aux_values is not None and sel.aux_indices is not None:
+            sets.append((sel.aux_values, sel.aux_indices))
+        values = sets[0][0] if len(sets) == 1 else torch.cat([v for v, _ in sets], 1)
+        indices = sets[0][1] if len(sets) == 1 else torch.cat([i for _, i in sets], 1)
+        shared = None
+        if indices is sel.indices:
+            shared = layouts[0]
+        elif indices is sel.multi_indices:
+            shared = layouts[1]
+        out, aux_z = encoder_grad(
+            x, self._b_pre(), self.W_enc, self.b_enc, x_in, indices, values, cols, sel.aux_z, shared
+        )
+        parts = out.split([v.shape[1] for v, _ in sets], dim=1)
+        acts = parts[0][:, : sel.values.shape[1]]
+        acts4 = None if sel.multi_values is None else parts[0 if nested else 1]
+        aux_acts = parts[-1] if sel.aux_values is not None else None
+        return acts, acts4, aux_acts, aux_z
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -230,6 +321,7 @@ class SparseCoder(nn.Module):
         *,
         dead_mask: Tensor | None = None,
         total_variance: Tensor | float | None = None,
+        residual_variance: Tensor | float | None = None,
     ) -> ForwardOutput:
         """Encode ``x``, reconstruct ``y`` (default ``x``) and return the losses (module doc).
 
@@ -237,8 +329,12 @@ class SparseCoder(nn.Module):
         ``activation="batchtopk"`` rows have variable counts: ``latent_acts``/``latent_indices``
         are padded to the widest row with zero activations.
         ``dead_mask``: bool (num_latents,) from a :class:`~sparselens.sae.DeadLatentTracker`;
-        AuxK is computed when it has a dead latent and ``auxk_alpha > 0`` (one host sync for the
-        dead count). ``total_variance``: denominator of the FVUs (default: this batch's).
+        AuxK is computed when it has a dead latent and ``auxk_alpha > 0``.
+        ``total_variance``: denominator of the FVUs and of a ``"target"``-normalised AuxK
+        (default: this batch's ``sum ||y - mean y||^2``). ``residual_variance``: denominator of a
+        ``"residual"``-normalised AuxK (default: this batch's ``sum ||e - mean e||^2``). Under
+        gradient accumulation pass the full batch's values of both, so that the micro-batch
+        losses add up to the full batch's.
         """
         lead = x.shape[:-1]
         x2 = self._flat(x, "x")
@@ -250,50 +346,51 @@ class SparseCoder(nn.Module):
             y2 = self._flat(y, "y")
         cfg, m = self.cfg, self.num_latents
         x_in = self._encoder_input(x2)
-        pre = preactivations(x_in, self.W_enc, self.b_enc)
+        plan = self._aux_plan(dead_mask, x2.device)
+        k_multi = min(4 * cfg.k, m) if cfg.multi_topk else None
+        sel = topk_select(
+            x_in,
+            self.W_enc,
+            self.b_enc,
+            cfg.k,
+            k_multi=k_multi,
+            aux_cols=None if plan is None else plan.cols,
+            aux_mask=None if plan is None else plan.mask,
+            k_aux=0 if plan is None else plan.k_aux,
+            **self._selection_mode(),
+        )
+        self._update_threshold(sel.min_positive)
 
-        idx, keep = self._select(pre, cfg.k)
-        sets = [idx]
-        aux_idx = aux_local = dead_idx = None
-        num_dead = None
-        if dead_mask is not None and cfg.auxk_alpha > 0:
-            if dead_mask.shape != (m,) or dead_mask.dtype != torch.bool:
-                raise ValueError(f"dead_mask must be a bool tensor of shape ({m},)")
-            dead_idx = dead_mask.to(pre.device).nonzero().squeeze(1)
-            if dead_idx.numel() > 0:
-                num_dead = dead_idx.numel()
-                k_aux = min(self.k_aux, num_dead)
-                j = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
-                aux_idx, aux_local = dead_idx[j], j
-                sets.append(aux_idx)
-        if cfg.multi_topk:
-            sets.append(pre.topk(min(4 * cfg.k, m), dim=1, sorted=False).indices)
-        widths = [s.shape[1] for s in sets]
-        all_acts = encoder_select(x_in, self.W_enc, self.b_enc, torch.cat(sets, 1), pre)
-        acts_split = list(all_acts.split(widths, dim=1))
-
-        acts = acts_split[0]
-        if keep is not None:
-            acts = acts * keep
-        sae_out = self._skip(self.decode(acts, idx), x2)
+        cols = None if plan is None else plan.cols
+        idx = sel.indices
+        # one latent sort per index set, shared by the encoder and decoder backward
+        layout = LazyLayout(idx, m)
+        layout4 = None if sel.multi_indices is None else LazyLayout(sel.multi_indices, m)
+        acts, acts4, aux_acts, aux_z = self._encoder_grad(x2, x_in, sel, cols, (layout, layout4))
+        out, e_hat = decode(idx, acts, self.W_dec, cols, aux_z, layout)
+        sae_out = self._skip(out + self.b_dec, x2)
         den = total_variance_fn(y2) if total_variance is None else total_variance
-        fvu = fvu_fn(y2, sae_out, den)
+        fvu = _fvu(y2, sae_out, den)
 
         zero = sae_out.new_zeros(())
         auxk_loss = zero
-        if aux_idx is not None and aux_local is not None and dead_idx is not None:
-            assert num_dead is not None
+        if plan is not None:
             e = (y2 - sae_out).detach()
-            e_hat = self._decode_aux(aux_idx, aux_local, dead_idx, acts_split[1])
-            aux_den = total_variance_fn(e) if cfg.auxk_normalization == "residual" else den
-            scale = min(num_dead / self.k_aux, 1.0)
-            auxk_loss = scale * fvu_fn(e, e_hat, aux_den)
+            if e_hat is None:  # sparse AuxK path
+                assert sel.aux_indices is not None and aux_acts is not None
+                e_hat = topk_decode(sel.aux_indices, aux_acts, self.W_dec)
+            if cfg.auxk_normalization == "target":
+                aux_den = den
+            else:
+                aux_den = total_variance_fn(e) if residual_variance is None else residual_variance
+            auxk_loss = plan.scale * _fvu(e, e_hat, aux_den)
             auxk_loss = torch.where(torch.isfinite(auxk_loss), auxk_loss, zero)
 
         multi_topk_fvu = zero
-        if cfg.multi_topk:
-            out4 = self._skip(self.decode(acts_split[-1], sets[-1]), x2)
-            multi_topk_fvu = fvu_fn(y2, out4, den)
+        if acts4 is not None and sel.multi_indices is not None:
+            dec4 = decode(sel.multi_indices, acts4, self.W_dec, layout=layout4)[0]
+            out4 = self._skip(dec4 + self.b_dec, x2)
+            multi_topk_fvu = _fvu(y2, out4, den)
 
         return ForwardOutput(
             sae_out.reshape(*lead, self.d_in),
@@ -303,3 +400,22 @@ class SparseCoder(nn.Module):
             auxk_loss,
             multi_topk_fvu,
         )
+
+
+def _fvu(y: Tensor, y_hat: Tensor, den: Tensor | float) -> Tensor:
+    """:func:`sparselens.sae.fvu.fvu` with a given denominator, its squared error summed by
+    ``F.mse_loss`` (one fused pass forward and backward instead of sub, pow, sum and their
+    backward; ~2x faster at (4096, 512))."""
+    sse = F.mse_loss(y_hat, y, reduction="sum")
+    d = torch.as_tensor(den, dtype=sse.dtype, device=sse.device)
+    return sse / d.clamp_min(torch.finfo(sse.dtype).tiny)
+
+
+class _AuxPlan(NamedTuple):
+    """AuxK for one forward: dense dead columns ``cols`` or a sparse ``mask``; latents per row;
+    ``min(num_dead / k_aux, 1)`` (a float, or a 0-d tensor on the sync-free path)."""
+
+    cols: Tensor | None
+    mask: Tensor | None
+    k_aux: int
+    scale: float | Tensor
