@@ -131,7 +131,10 @@ class LossConfig(BaseModel):
             self.pgd.coeff,
         )
         if not any(c > 0 for c in recon):
-            raise ValueError("at least one reconstruction loss coefficient must be > 0")
+            raise ValueError(
+                "at least one reconstruction loss coefficient (stochastic_recon, layerwise_recon, "
+                "subset_recon, ci_masked_recon, pgd.coeff) must be > 0"
+            )
         return self
 
 
@@ -323,8 +326,11 @@ def compute_losses(
     total = torch.zeros((), dtype=dtype)
     if var.count:
         errs = var.run(model, x, target, cfg.output_loss)
+        chunks: dict[str, list[Tensor]] = {}  # layerwise adds one group per layer
         for term, start, n in var.groups:
-            value = errs[start : start + n].mean()
+            chunks.setdefault(term, []).append(errs[start : start + n])
+        for term, parts in chunks.items():
+            value = torch.cat(parts).mean()
             terms[term] = value
             total = total + getattr(cfg, term) * value
     imp_cfg = cfg.importance_minimality
