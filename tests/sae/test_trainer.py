@@ -448,3 +448,27 @@ def test_partial_sae_mapping_keeps_demo_defaults() -> None:
     assert SAETrainConfig().sae == SAETrainConfig(sae={}).sae
     explicit = SparseCoderConfig(k=8)  # an explicit object is taken as it is
     assert SAETrainConfig(sae=explicit).sae.expansion_factor == 32
+
+
+def test_batchtopk_threshold_updated_once_per_micro_batch_with_dead_latents() -> None:
+    """With micro-batches, dead latents and residual-normalised AuxK, the trainer's extra no-grad
+    pass (the batch's Var(e)) must not move BatchTopK's inference threshold: the EMA advances
+    once per micro-batch, as in a plain train-mode forward of each.
+
+    Wrong variant caught: the pre-pass run in train mode, which applies the EMA twice per
+    micro-batch (threshold ends nearer the batch minimum than training saw)."""
+    cfg = SparseCoderConfig(
+        num_latents=32, k=3, k_aux=4, activation="batchtopk", threshold_lr=0.3, dead_tokens=10
+    )
+    states = _states(cfg, 8, dead=16)
+    coder = states[0].coder
+    g = torch.Generator().manual_seed(4)
+    chunks = [torch.randn(n, 8, generator=g, dtype=torch.float64) * 2 for n in (9, 13)]
+    ref = copy.deepcopy(coder)
+    with torch.no_grad():
+        for c in chunks:
+            ref(c)
+    assert float(ref.threshold) > 0
+    opt = torch.optim.SGD(coder.parameters(), lr=0.0)
+    train_step(states, [{"h": (c, c)} for c in chunks], opt, step=1)
+    torch.testing.assert_close(coder.threshold, ref.threshold, rtol=1e-12, atol=0)

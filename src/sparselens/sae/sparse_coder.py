@@ -36,6 +36,8 @@ on the device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -220,6 +222,18 @@ class SparseCoder(nn.Module):
         thr = self.threshold
         mp = min_positive.to(thr.dtype)
         thr.copy_(torch.where(torch.isfinite(mp), (1 - lr) * thr + lr * mp, thr))
+
+    @contextmanager
+    def threshold_kept(self) -> Iterator[None]:
+        """Train-mode forwards inside leave the BatchTopK ``threshold`` as it was (for extra
+        passes that must not count as training batches, e.g. a trainer's residual pre-pass)."""
+        saved = self.threshold.clone() if self.cfg.activation == "batchtopk" else None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    self.threshold.copy_(saved)
 
     def encode(self, x: Tensor) -> EncoderOutput:
         """Encode (..., d_in) inputs to ``EncoderOutput`` of flattened (N, k) tensors.

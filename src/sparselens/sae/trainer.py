@@ -232,7 +232,7 @@ def train_step(
         rescale_aux = cfg.auxk_alpha > 0 and cfg.auxk_normalization == "residual"
         e_den: Tensor | None = None
         if rescale_aux and len(micro) > 1 and bool(h.tracker.dead_mask.any()):
-            with torch.no_grad():
+            with torch.no_grad(), coder.threshold_kept():  # train-mode selection, EMA untouched
                 es = [
                     (y - _forward(h, step, x, y, total_variance=den).sae_out) if y.shape[0] else y
                     for x, y in zip(xs, ys, strict=True)
