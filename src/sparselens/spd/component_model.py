@@ -138,6 +138,12 @@ class ComponentModel(nn.Module):
         specs = [DecomposedModule.model_validate(m) for m in modules]
         if not specs:
             raise ValueError("decomposition must list at least one module")
+        slots = [n for n, m in target.named_modules() if isinstance(m, _Slot)]
+        if slots:
+            raise ValueError(
+                f"target is already decomposed (module {slots[0]!r} belongs to a "
+                "ComponentModel); build a new model from an undecomposed copy of the target"
+            )
         target.requires_grad_(False)
         target.eval()
         self.target = target
@@ -159,7 +165,10 @@ class ComponentModel(nn.Module):
         originals = {n: target.get_submodule(n) for n in self.names}
         comps: dict[str, Components] = {}
         for name in [n for n in self.names if assigned[n].tied_to is None]:
-            comps[name] = make_components(originals[name], assigned[name].C)
+            try:
+                comps[name] = make_components(originals[name], assigned[name].C)
+            except TypeError as e:
+                raise TypeError(f"decomposition: {name}: {e}") from None
         for name in [n for n in self.names if assigned[n].tied_to is not None]:
             comps[name] = self._tied(name, assigned[name], originals[name], comps)
         hidden = list(ci_hidden)
