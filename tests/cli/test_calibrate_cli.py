@@ -464,3 +464,16 @@ def test_external_sigkill_at_any_time_then_resume_is_exact(tmp_path):
     assert list(out.rglob("*.tmp")) == []
     for name in ("weights.csv", "metrics.jsonl"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_python_dash_m_sparselens_is_the_command():
+    """``python -m sparselens`` (what ``torchrun -m sparselens`` runs) is the same command."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparselens", "--version"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"sparselens {__version__}"
