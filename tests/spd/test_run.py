@@ -75,7 +75,9 @@ def test_run_directory_layout(completed):
     assert set(saved["ci_l0"]) == {"linear1", "linear2"}
     assert set(saved["recon"]) == {"unmasked", "ci", "rounded", "stochastic", "zero", "random"}
     assert saved["mmcs"] == s["mmcs"] and 0.0 <= s["mmcs"] <= 1.0
-    assert "![losses](plots/losses.png)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "![losses](plots/losses.png)" in report
+    assert "paper Table 1: MMCS 1.000, ML2R 0.993 ± 0.002)" in report  # this target's row
 
 
 def test_metrics_records(completed):
