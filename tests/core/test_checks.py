@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sparselens.core import checks
 
@@ -78,3 +80,23 @@ def test_check_stretch() -> None:
         checks.check_stretch(0.1, 1.1)
     with pytest.raises(ValueError, match=r"^zeta"):
         checks.check_stretch(-0.1, 0.99)
+
+
+@given(
+    n=st.integers(1, 40),
+    pos=st.integers(0, 39),
+    bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_check_finite_finds_one_bad_value_anywhere(n: int, pos: int, bad: float, dtype) -> None:
+    """One NaN or inf at any position of any float dtype is reported at that position.
+
+    Wrong variant caught: a fast path through min/max that drops NaN (``nanmin``-like semantics)
+    or checks only the ends of the tensor."""
+    pos = pos % n
+    x = torch.randn(n, dtype=torch.float64).to(dtype)
+    x[pos] = bad
+    with pytest.raises(ValueError, match=rf"^x must be finite .* at {pos}$"):
+        checks.check_finite("x", x)
+    x[pos] = 0.0
+    checks.check_finite("x", x)
