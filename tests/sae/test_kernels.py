@@ -268,6 +268,27 @@ def test_topk_select_matches_dense_reference(
     torch.testing.assert_close(sparse_dense.sort(1).values, ref_z.sort(1).values)
 
 
+@pytest.mark.parametrize("mode", [{}, {"batch": True}, {"threshold": torch.tensor(0.3)}])
+def test_topk_select_with_given_preactivations(small_chunks: None, mode: dict) -> None:
+    """``pre=`` (what ``SparseCoder.encode`` passes, so the dense matrix is formed once) selects
+    exactly what computing it inside does, in chunks, and leaves ``pre`` unchanged. Fails if the
+    sparse AuxK masking writes into the caller's matrix (the in-place fill of the own chunk)."""
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(19, 8, generator=g), torch.randn(33, 8, generator=g), torch.randn(33)
+    dead = torch.zeros(33, dtype=torch.bool)
+    dead[[1, 4, 5, 20]] = True
+    pre = linear(x, w, b, relu=True)
+    kept = pre.clone()
+    kw = {"k_multi": 9, "aux_mask": dead, "k_aux": 3, **mode}
+    a = topk_select(x, w, b, 4, **kw)
+    r = topk_select(x, w, b, 4, pre=pre, **kw)
+    assert torch.equal(pre, kept)
+    for name in ("indices", "multi_indices", "aux_indices"):
+        assert torch.equal(getattr(a, name), getattr(r, name)), name
+    for name in ("values", "multi_values", "aux_values"):  # chunked GEMMs round differently
+        torch.testing.assert_close(getattr(a, name), getattr(r, name), msg=name)
+
+
 def test_batch_topk_rows_and_jumprelu_rows() -> None:
     """BatchTopK keeps the N*k largest entries of the batch (some rows get more than k) and
     reports the smallest positive pick; JumpReLU keeps entries above the threshold. Fails for a

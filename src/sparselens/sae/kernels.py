@@ -329,6 +329,7 @@ def topk_select(
     k_aux: int = 0,
     batch: bool = False,
     threshold: Tensor | None = None,
+    pre: Tensor | None = None,
 ) -> Selection:
     """Top-k of ``ReLU(x_in W_enc^T + b_enc)`` per row, plus the Multi-TopK and AuxK sets.
 
@@ -340,6 +341,7 @@ def topk_select(
     ``batch``: BatchTopK (:func:`batch_topk_rows`) instead of per-row top-k; ``threshold``:
     JumpReLU (:func:`jumprelu_rows`); both need the whole (N, M) matrix and sync once. Rows with
     fewer than k positive pre-activations are filled with arbitrary zero-valued latents.
+    ``pre``: that ReLU'd (N, M) matrix when the caller already has it (it is read, not changed).
     """
     with torch.no_grad():
         x_in, W_enc, b_enc = x_in.detach(), W_enc.detach(), b_enc.detach()
@@ -365,7 +367,7 @@ def topk_select(
         min_pos = None
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            p = linear(x_in[s:e], W_enc, b_enc, relu=True)
+            p = linear(x_in[s:e], W_enc, b_enc, relu=True) if pre is None else pre[s:e]
             if per_row or k_multi is not None:
                 torch.topk(p, width, dim=1, sorted=k_multi is not None, out=(vals[s:e], idx[s:e]))
             if batch:
@@ -377,7 +379,8 @@ def topk_select(
                 v, j = p.index_select(1, aux_cols).topk(ka, dim=1, sorted=False)
                 aux_z[s:e].scatter_(1, j, v)
             if aux_v is not None and aux_i is not None and not_dead is not None:
-                v, j = p.masked_fill_(not_dead, -1.0).topk(ka_m, dim=1, sorted=False)
+                q = p.masked_fill_(not_dead, -1.0) if pre is None else p.masked_fill(not_dead, -1.0)
+                v, j = q.topk(ka_m, dim=1, sorted=False)
                 aux_v[s:e], aux_i[s:e] = v.clamp_min_(0.0), j
         multi_v, multi_i = (None, None) if k_multi is None else (vals, idx)
         if main is None:

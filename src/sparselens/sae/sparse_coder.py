@@ -240,12 +240,14 @@ class SparseCoder(nn.Module):
         """
         x2 = self._flat(x, "x")
         x_in = self._encoder_input(x2)
-        sel = topk_select(x_in, self.W_enc, self.b_enc, self.cfg.k, **self._selection_mode())
+        pre = linear(x_in, self.W_enc, self.b_enc, relu=True)  # returned: form it once
+        mode = self._selection_mode()
+        sel = topk_select(x_in, self.W_enc, self.b_enc, self.cfg.k, pre=pre, **mode)
         self._update_threshold(sel.min_positive)
         acts, _ = encoder_grad(
             x2, self._b_pre(), self.W_enc, self.b_enc, x_in, sel.indices, sel.values
         )
-        return EncoderOutput(acts, sel.indices, linear(x_in, self.W_enc, self.b_enc, relu=True))
+        return EncoderOutput(acts, sel.indices, pre)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """``sum_j a_j W_dec[i_j] + b_dec`` for (N, k) acts and indices (no ``W_skip``)."""
