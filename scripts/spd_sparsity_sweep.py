@@ -62,7 +62,9 @@ from typing import Any
 import torch
 
 from sparselens.spd.config import SPDRunConfig, bundled_config_path
+from sparselens.train.atomic import atomic_write_json, atomic_write_text
 from sparselens.train.config import load_yaml_mapping
+from sparselens.train.rundir import save_figure
 
 KINDS = ("lp", "smooth_l0")
 TARGETS = {"tms_5-2": "tms_5-2", "minigpt_mlp": "minigpt_mlp"}
@@ -323,7 +325,7 @@ def plot_pareto(
         ax.legend(fontsize=7.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 
@@ -471,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     doc = _json_safe({"settings": settings, "points": records})
-    (out / "sweep.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", "utf-8")
+    atomic_write_json(out / "sweep.json", doc, indent=1)  # _json_safe: strict JSON
     md = [
         f"# SPD sparsity sweep: {name}",
         "",
@@ -487,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"![Pareto frontier]({png.name})",
         "",
     ]
-    (out / "sweep.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out / "sweep.md", "\n".join(md))
     logger.info("wrote %s, %s, %s (%.0f s)", out / "sweep.json", out / "sweep.md", png, sweep_s)
     return 0
 
