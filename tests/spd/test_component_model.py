@@ -161,6 +161,38 @@ def test_routes_false_give_the_target(case: str) -> None:
     )
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_routes_without_delta_masks(case: str) -> None:
+    """No delta component: routed-off positions still give the target exactly (not ``x (VU)^T``),
+    routed-on positions the delta-free replaced forward. Catches routing implemented as the
+    mask ``m = 1`` alone, which without the delta would output ``x (VU)^T + b``."""
+    model, _, x, before = _build(case, F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    masks, _ = _all_masks(model, cache, 5)
+    off = {n: torch.zeros(m.shape[:-1], dtype=torch.bool) for n, m in masks.items()}
+    torch.testing.assert_close(model(x, masks, None, off), before, rtol=1e-12, atol=1e-12)
+    on = {n: ~r for n, r in off.items()}
+    torch.testing.assert_close(model(x, masks, None, on), model(x, masks), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_routed_off_positions_send_no_gradient(case: str, with_delta: bool) -> None:
+    """Every position routed to the original layers: the gradient into U, V and the masks is
+    exactly zero (the original layer is frozen). Catches a routed-off output that still depends on
+    the components (e.g. ``x (VU)^T + x (W - (VU)^T)^T``, equal only up to rounding)."""
+    model, _, x, _ = _build(case, F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    masks, deltas = _all_masks(model, cache, 6)
+    masks = {n: m.clone().requires_grad_(True) for n, m in masks.items()}
+    off = {n: torch.zeros(m.shape[:-1], dtype=torch.bool) for n, m in masks.items()}
+    model(x, masks, deltas if with_delta else None, off).square().sum().backward()
+    for n, m in masks.items():
+        assert m.grad is None or not m.grad.any(), n
+    for name, p in model.components.named_parameters():
+        assert p.grad is None or not p.grad.any(), name
+
+
 def test_tms_replaced_forward_equals_explicit() -> None:
     """Both layers on components: ``relu(layer2(layer1(x)))`` with explicit replaced layers,
     ``linear2`` using ``V = U_1^T``, ``U = V_1^T``, ``W = W_1^T`` and its own bias."""

@@ -14,7 +14,8 @@ original layer (recording its input when asked) or the replaced forward of
   layer from the cached inputs;
 * ``model(x, masks, delta_masks, routes)`` -- layers named in ``masks`` run on their components;
   ``delta_masks`` add the delta component ``r * x (W - (VU)^T)^T``; ``routes`` (bool per position)
-  choose per position between the replaced and the original output. Layers not in ``masks`` keep
+  choose per position between the replaced and the original output (a routed-off position
+  runs with ``m = r = 1``, which is the original layer exactly). Layers not in ``masks`` keep
   the target's weights. Every mask's leading (batch) shape equals the layer input's, so stacking
   several mask draws or loss variants along the batch axis is one batched pass
   (:func:`~sparselens.spd.losses.compute_losses`).
@@ -108,12 +109,14 @@ class _Slot(nn.Module):
             )
         delta = st.delta_masks.get(name)
         route = st.routes.get(name)
-        if route is None:
-            return comp(x, mask, delta)
-        y0 = comp.target_product(x)
-        out = comp(x, mask, delta, target_product=y0)
-        b = comp.bias
-        return torch.where(route.unsqueeze(-1), out, y0 if b is None else y0 + b)
+        if route is not None:
+            # Routed-off positions take m = r = 1: (h * (m - r)) U + r x W^T + b is then exactly
+            # the original x W^T + b with no gradient into U, V or the masks -- a select on the
+            # (B, C) masks instead of on the (B, d_out) outputs (components.py's form).
+            one = mask.new_ones(())
+            mask = torch.where(route.unsqueeze(-1), mask, one)
+            delta = (~route).to(mask.dtype) if delta is None else torch.where(route, delta, one)
+        return comp(x, mask, delta)
 
 
 def key(name: str) -> str:
