@@ -4,7 +4,8 @@ The batched single pass of :func:`compute_losses` is compared with 1 target pass
 + S*L layerwise passes + ... run one at a time through ``model(x, masks=..., delta_masks=...,
 routes=...)``, with masks drawn from an identically seeded generator in the order the code draws
 them (per loss: every layer's ``U(0,1)`` mask sources, then every layer's delta masks, then the
-subset routes; PGD last: its routes, then its sources).
+subset routes -- for the layerwise loss only the replaced layer's; PGD last: its routes, then its
+sources).
 """
 
 from __future__ import annotations
@@ -198,12 +199,12 @@ def _reference_losses(
     batch = lower[names[0]].shape[:-1]
     S, use_delta = cfg.n_mask_samples, cfg.use_delta_component
 
-    def draw():
-        u = {k: torch.rand((S, *lower[k].shape), generator=gen, dtype=F64) for k in names}
-        m = {k: lower[k] + (1 - lower[k]) * u[k] for k in names}
+    def draw(layers: list[str] = names):
+        u = {k: torch.rand((S, *lower[k].shape), generator=gen, dtype=F64) for k in layers}
+        m = {k: lower[k] + (1 - lower[k]) * u[k] for k in layers}
         d = None
         if use_delta:
-            d = {k: torch.rand((S, *batch), generator=gen, dtype=F64) for k in names}
+            d = {k: torch.rand((S, *batch), generator=gen, dtype=F64) for k in layers}
         return m, d
 
     def sel(d: dict[str, Tensor] | None, s: int, only: list[str]) -> dict[str, Tensor] | None:
@@ -217,7 +218,7 @@ def _reference_losses(
     if cfg.layerwise_recon > 0:
         errs = []
         for j in names:
-            m, d = draw()
+            m, d = draw([j])  # only layer j's masks are drawn
             for s in range(S):  # ONLY layer j replaced: the others run the original module
                 errs.append(D(model(x, sel(m, s, [j]), sel(d, s, [j])), target))
         terms["layerwise_recon"] = torch.stack(errs).mean()
@@ -367,11 +368,11 @@ def test_layerwise_keeps_other_layers_on_original_weights() -> None:
     errs, wrong = [], []
     ones = {k: torch.ones_like(g) for k, g in lower.items()}
     for j in model.names:
-        u = {k: torch.rand((1, *lower[k].shape), generator=gen, dtype=F64)[0] for k in lower}
-        d = {k: torch.rand((1, *lower[k].shape[:-1]), generator=gen, dtype=F64)[0] for k in lower}
-        m_j = lower[j] + (1 - lower[j]) * u[j]
-        errs.append(_mse(model(x, {j: m_j}, {j: d[j]}), target))
-        wrong.append(_mse(model(x, {**ones, j: m_j}, {j: d[j]}), target))  # others on comps
+        u_j = torch.rand((1, *lower[j].shape), generator=gen, dtype=F64)[0]  # layer j's only
+        d_j = torch.rand((1, *lower[j].shape[:-1]), generator=gen, dtype=F64)[0]
+        m_j = lower[j] + (1 - lower[j]) * u_j
+        errs.append(_mse(model(x, {j: m_j}, {j: d_j}), target))
+        wrong.append(_mse(model(x, {**ones, j: m_j}, {j: d_j}), target))  # others on comps
     torch.testing.assert_close(terms["layerwise_recon"], torch.stack(errs).mean().detach())
     gap = float(torch.stack(wrong).mean().detach()) - float(terms["layerwise_recon"])
     assert abs(gap) > 1e-4

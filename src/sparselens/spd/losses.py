@@ -223,7 +223,7 @@ class _Variants:
         self.batch = batch
         self.use_delta = use_delta
         self.masks: dict[str, list[Tensor]] = {n: [] for n in names}
-        self.deltas: dict[str, list[Tensor]] = {n: [] for n in names}
+        self.deltas: dict[str, list[Tensor | None]] = {n: [] for n in names}
         self.routes: dict[str, list[Tensor | None]] = {n: [] for n in names}
         self.groups: list[tuple[str, int, int]] = []  # (term, first variant, count)
         self.count = 0
@@ -233,30 +233,31 @@ class _Variants:
         term: str,
         n: int,
         masks: Mapping[str, Tensor],
-        deltas: Mapping[str, Tensor] | None,
+        deltas: Mapping[str, Tensor | None] | None,
         routes: Mapping[str, Tensor | None],
     ) -> None:
-        """``n`` variants: per layer masks ``(n, *batch, C)``, deltas ``(n, *batch)`` (None: no
-        delta component), routes ``(n, *batch)`` bool or None (all positions replaced)."""
+        """``n`` variants: per layer masks ``(n, *batch, C)``, delta masks ``(n, *batch)`` (None:
+        no delta component, i.e. ``r = 0``), routes ``(n, *batch)`` bool or None (all positions
+        replaced)."""
         self.groups.append((term, self.count, n))
         self.count += n
         for name in self.names:
-            m = masks[name]
-            self.masks[name].append(m)
-            if self.use_delta:
-                d = deltas[name] if deltas is not None else None
-                self.deltas[name].append(d if d is not None else m.new_zeros((n, *self.batch)))
+            self.masks[name].append(masks[name])
+            self.deltas[name].append(deltas.get(name) if deltas is not None else None)
             self.routes[name].append(routes.get(name))
 
     def run(self, model: ComponentModel, x: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
         """Per-variant reconstruction errors, shape ``(count,)``, from one forward pass."""
         v = self.count
         masks = {n: torch.cat(c).flatten(0, 1) for n, c in self.masks.items()}
-        deltas = (
-            {n: torch.cat(c).flatten(0, 1) for n, c in self.deltas.items()}
-            if self.use_delta
-            else None
-        )
+        deltas: dict[str, Tensor] = {}
+        for name, chunks in self.deltas.items():  # a missing chunk is r = 0
+            if self.use_delta or any(c is not None for c in chunks):
+                parts = [
+                    c if c is not None else self.masks[name][0].new_zeros((g[2], *self.batch))
+                    for c, g in zip(chunks, self.groups, strict=True)
+                ]
+                deltas[name] = torch.cat(parts).flatten(0, 1)
         routes: dict[str, Tensor] = {}
         for name, chunks in self.routes.items():
             if any(c is not None for c in chunks):
@@ -298,11 +299,13 @@ def compute_losses(
     S, use_delta = cfg.n_mask_samples, cfg.use_delta_component
     dtype = next(iter(lower.values())).dtype
 
-    def draw(n: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        masks = {k: stochastic_masks(lower[k], n, generator) for k in names}
+    def draw(
+        n: int, layers: Sequence[str] = names
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        masks = {k: stochastic_masks(lower[k], n, generator) for k in layers}
         deltas = None
         if use_delta:
-            deltas = {k: torch.rand((n, *batch), generator=generator, dtype=dtype) for k in names}
+            deltas = {k: torch.rand((n, *batch), generator=generator, dtype=dtype) for k in layers}
         return masks, deltas
 
     var = _Variants(names, batch, use_delta)
@@ -310,11 +313,16 @@ def compute_losses(
         m, d = draw(S)
         var.add("stochastic_recon", S, m, d, {})
     if cfg.layerwise_recon > 0:
+        # only layer j replaced; the others run with m = r = 1, which is the original layer
+        # exactly (component_model.py), so only layer j's masks are drawn
+        one = lower[names[0]].new_ones(())
         for j in names:
-            m, d = draw(S)
-            off = torch.zeros((S, *batch), dtype=torch.bool)
-            masks = {k: m[k] if k == j else m[k].detach() for k in names}
-            var.add("layerwise_recon", S, masks, d, {k: None if k == j else off for k in names})
+            m, d = draw(S, [j])
+            masks = {k: m[j] if k == j else one.expand(S, *lower[k].shape) for k in names}
+            deltas = {k: one.expand(S, *batch) for k in names if k != j}
+            if d is not None:
+                deltas[j] = d[j]
+            var.add("layerwise_recon", S, masks, deltas, {})
     if cfg.subset_recon > 0:
         m, d = draw(S)
         r = uniform_k_subset_routes((S, *batch), len(names), generator)
