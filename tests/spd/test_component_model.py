@@ -193,6 +193,49 @@ def test_routed_off_positions_send_no_gradient(case: str, with_delta: bool) -> N
         assert p.grad is None or not p.grad.any(), name
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_rows_equal_routes_on_whole_rows(case: str, with_delta: bool) -> None:
+    """``rows`` (each layer replaced on its own subset of the first axis, masks given only
+    there) equals routes that are True on exactly those rows: same output, same gradients into
+    U, V and the masks. Catches rows mapped to the wrong positions (or the unselected rows
+    running on components)."""
+    model, _, x, _ = _build(case, F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    masks, deltas = _all_masks(model, cache, 7)
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(8)
+    rows, routes = {}, {}
+    for name, m in masks.items():
+        idx = torch.randperm(n, generator=gen)[: max(1, n // 2)].sort().values
+        rows[name] = idx
+        r = torch.zeros(m.shape[:-1], dtype=torch.bool)
+        r[idx] = True
+        routes[name] = r
+
+    def grads(out: Tensor, leaves: list[Tensor]) -> list[Tensor]:
+        params = list(model.components.parameters())
+        gs = torch.autograd.grad(out.square().sum(), leaves + params, allow_unused=True)
+        return [torch.zeros(()) if g is None else g for g in gs]
+
+    full = {k: v.clone().requires_grad_(True) for k, v in masks.items()}
+    d_full = deltas if with_delta else None
+    want = model(x, full, d_full, routes)
+    g_want = grads(want, list(full.values()))
+    sub = {k: v[rows[k]].detach().clone().requires_grad_(True) for k, v in masks.items()}
+    d_sub = {k: v[rows[k]] for k, v in deltas.items()} if with_delta else None
+    got = model(x, sub, d_sub, rows=rows)
+    g_got = grads(got, list(sub.values()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    nm = len(full)
+    for i, k in enumerate(full):  # mask gradients: the selected rows of the routed ones
+        torch.testing.assert_close(g_got[i], g_want[i][rows[k]], rtol=1e-10, atol=1e-12)
+    for gw, gg in zip(g_want[nm:], g_got[nm:], strict=True):  # U, V, CI parameters
+        torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="the selected rows"):
+        model(x, masks, d_full, rows=rows)
+
+
 def test_tms_replaced_forward_equals_explicit() -> None:
     """Both layers on components: ``relu(layer2(layer1(x)))`` with explicit replaced layers,
     ``linear2`` using ``V = U_1^T``, ``U = V_1^T``, ``W = W_1^T`` and its own bias."""

@@ -12,12 +12,14 @@ original layer (recording its input when asked) or the replaced forward of
   layer's input, without gradient (the target is frozen);
 * :meth:`ComponentModel.causal_importance` -- :class:`~sparselens.spd.ci_functions.CIOutput` per
   layer from the cached inputs;
-* ``model(x, masks, delta_masks, routes)`` -- layers named in ``masks`` run on their components;
-  ``delta_masks`` add the delta component ``r * x (W - (VU)^T)^T``; ``routes`` (bool per position)
-  choose per position between the replaced and the original output (a routed-off position
-  runs with ``m = r = 1``, which is the original layer exactly). Layers not in ``masks`` keep
-  the target's weights. Every mask's leading (batch) shape equals the layer input's, so stacking
-  several mask draws or loss variants along the batch axis is one batched pass
+* ``model(x, masks, delta_masks, routes, rows)`` -- layers named in ``masks`` run on their
+  components; ``delta_masks`` add the delta component ``r * x (W - (VU)^T)^T``; ``routes`` (bool
+  per position) choose per position between the replaced and the original output (a routed-off
+  position runs with ``m = r = 1``, which is the original layer exactly); ``rows`` restrict a
+  layer's replacement to some rows of the input's first axis (the other rows run the original
+  layer and cost no component products). Layers not in ``masks`` keep the target's weights.
+  Every mask's leading (batch) shape equals the layer input's (or its selected rows'), so
+  stacking several mask draws or loss variants along the batch axis is one batched pass
   (:func:`~sparselens.spd.losses.compute_losses`).
 * :meth:`ComponentModel.weight_deltas` -- ``W - (VU)^T`` per layer, differentiable in U and V.
 
@@ -67,9 +69,10 @@ class _CallState:
     masks: Mapping[str, Tensor] = field(default_factory=dict)
     delta_masks: Mapping[str, Tensor] = field(default_factory=dict)
     routes: Mapping[str, Tensor] = field(default_factory=dict)
+    rows: Mapping[str, Tensor] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.cache, self.masks, self.delta_masks, self.routes = None, {}, {}, {}
+        self.cache, self.masks, self.delta_masks, self.routes, self.rows = None, {}, {}, {}, {}
 
 
 class _Slot(nn.Module):
@@ -99,13 +102,16 @@ class _Slot(nn.Module):
         if mask is None:
             return self.original(x, *args, **kwargs)
         comp = self._components[0]
-        expected = (*x.shape, comp.C) if isinstance(comp, EmbeddingComponents) else None
+        rows = st.rows.get(name)
+        xs = x if rows is None else x.index_select(0, rows)
+        expected = (*xs.shape, comp.C) if isinstance(comp, EmbeddingComponents) else None
         if expected is None:
-            expected = (*x.shape[:-1], comp.C)
+            expected = (*xs.shape[:-1], comp.C)
         if tuple(mask.shape) != expected:
+            where = "the layer input's batch shape" if rows is None else "the selected rows"
             raise ValueError(
-                f"masks[{name!r}] must have shape {expected} (the layer input's batch shape "
-                f"and C), got {tuple(mask.shape)}"
+                f"masks[{name!r}] must have shape {expected} ({where} and C), "
+                f"got {tuple(mask.shape)}"
             )
         delta = st.delta_masks.get(name)
         route = st.routes.get(name)
@@ -116,7 +122,13 @@ class _Slot(nn.Module):
             one = mask.new_ones(())
             mask = torch.where(route.unsqueeze(-1), mask, one)
             delta = (~route).to(mask.dtype) if delta is None else torch.where(route, delta, one)
-        return comp(x, mask, delta)
+        if rows is None:
+            return comp(x, mask, delta)
+        # only the selected rows run on the components; the others are the original layer
+        y0 = comp.target_product(x)
+        b = comp.bias
+        part = comp(xs, mask, delta, target_product=y0.index_select(0, rows))
+        return (y0 if b is None else y0 + b).index_copy(0, rows, part)
 
 
 def key(name: str) -> str:
@@ -263,9 +275,19 @@ class ComponentModel(nn.Module):
         masks: Mapping[str, Tensor] | None = None,
         delta_masks: Mapping[str, Tensor] | None = None,
         routes: Mapping[str, Tensor] | None = None,
+        rows: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """The target's output with the layers in ``masks`` replaced (module docstring)."""
-        for what, given in (("masks", masks), ("delta_masks", delta_masks), ("routes", routes)):
+        """The target's output with the layers in ``masks`` replaced (module docstring).
+
+        ``rows`` (int64 indices along the input's first axis, per layer) restricts a layer's
+        replacement to those rows; its masks, delta masks and routes then cover only them.
+        """
+        for what, given in (
+            ("masks", masks),
+            ("delta_masks", delta_masks),
+            ("routes", routes),
+            ("rows", rows),
+        ):
             for name in given or {}:
                 if name not in self.names:
                     raise ValueError(
@@ -275,6 +297,7 @@ class ComponentModel(nn.Module):
         st = self._state
         st.reset()
         st.masks, st.delta_masks, st.routes = masks or {}, delta_masks or {}, routes or {}
+        st.rows = rows or {}
         try:
             return self._select(self.target(x))
         finally:

@@ -216,13 +216,18 @@ def faithfulness(weight_deltas: Mapping[str, Tensor]) -> Tensor:
 
 # -- the batched variant pass ------------------------------------------------------------------
 class _Variants:
-    """Per-layer mask / delta / route chunks of reconstruction variants stacked on one axis."""
+    """Per-layer mask / delta / route chunks of reconstruction variants stacked on one axis.
+
+    A layer without a mask in a chunk runs the original module on that chunk's rows (the
+    layerwise loss's other layers): it is left out of the component products there
+    (``model(..., rows=...)``).
+    """
 
     def __init__(self, names: Sequence[str], batch: torch.Size, use_delta: bool) -> None:
         self.names = list(names)
         self.batch = batch
         self.use_delta = use_delta
-        self.masks: dict[str, list[Tensor]] = {n: [] for n in names}
+        self.masks: dict[str, list[Tensor | None]] = {n: [] for n in names}
         self.deltas: dict[str, list[Tensor | None]] = {n: [] for n in names}
         self.routes: dict[str, list[Tensor | None]] = {n: [] for n in names}
         self.groups: list[tuple[str, int, int]] = []  # (term, first variant, count)
@@ -233,41 +238,52 @@ class _Variants:
         term: str,
         n: int,
         masks: Mapping[str, Tensor],
-        deltas: Mapping[str, Tensor | None] | None,
+        deltas: Mapping[str, Tensor] | None,
         routes: Mapping[str, Tensor | None],
     ) -> None:
-        """``n`` variants: per layer masks ``(n, *batch, C)``, delta masks ``(n, *batch)`` (None:
-        no delta component, i.e. ``r = 0``), routes ``(n, *batch)`` bool or None (all positions
-        replaced)."""
+        """``n`` variants: per replaced layer masks ``(n, *batch, C)`` (a layer not in ``masks``
+        runs the original module), delta masks ``(n, *batch)`` (None: no delta component,
+        ``r = 0``), routes ``(n, *batch)`` bool or None (all positions replaced)."""
         self.groups.append((term, self.count, n))
         self.count += n
         for name in self.names:
-            self.masks[name].append(masks[name])
+            self.masks[name].append(masks.get(name))
             self.deltas[name].append(deltas.get(name) if deltas is not None else None)
             self.routes[name].append(routes.get(name))
 
     def run(self, model: ComponentModel, x: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
         """Per-variant reconstruction errors, shape ``(count,)``, from one forward pass."""
-        v = self.count
-        masks = {n: torch.cat(c).flatten(0, 1) for n, c in self.masks.items()}
+        v, n_rows = self.count, x.shape[0]
+        masks: dict[str, Tensor] = {}
         deltas: dict[str, Tensor] = {}
-        for name, chunks in self.deltas.items():  # a missing chunk is r = 0
-            if self.use_delta or any(c is not None for c in chunks):
+        routes: dict[str, Tensor] = {}
+        rows: dict[str, Tensor] = {}
+        for name in self.names:
+            on = [i for i, m in enumerate(self.masks[name]) if m is not None]
+            if not on:
+                continue
+            groups = [self.groups[i] for i in on]
+            masks[name] = torch.cat([self.masks[name][i] for i in on]).flatten(0, 1)  # type: ignore[misc]
+            d_chunks = [self.deltas[name][i] for i in on]
+            if self.use_delta or any(d is not None for d in d_chunks):  # a missing chunk: r = 0
                 parts = [
-                    c if c is not None else self.masks[name][0].new_zeros((g[2], *self.batch))
-                    for c, g in zip(chunks, self.groups, strict=True)
+                    d if d is not None else masks[name].new_zeros((g[2], *self.batch))
+                    for d, g in zip(d_chunks, groups, strict=True)
                 ]
                 deltas[name] = torch.cat(parts).flatten(0, 1)
-        routes: dict[str, Tensor] = {}
-        for name, chunks in self.routes.items():
-            if any(c is not None for c in chunks):
+            r_chunks = [self.routes[name][i] for i in on]
+            if any(r is not None for r in r_chunks):
                 parts = [
-                    c if c is not None else torch.ones((g[2], *self.batch), dtype=torch.bool)
-                    for c, g in zip(chunks, self.groups, strict=True)
+                    r if r is not None else torch.ones((g[2], *self.batch), dtype=torch.bool)
+                    for r, g in zip(r_chunks, groups, strict=True)
                 ]
                 routes[name] = torch.cat(parts).flatten(0, 1)
+            if len(on) < len(self.groups):
+                rows[name] = torch.cat(
+                    [torch.arange(g[1] * n_rows, (g[1] + g[2]) * n_rows) for g in groups]
+                )
         x_rep = x.repeat(v, *([1] * (x.dim() - 1))) if v > 1 else x
-        pred = model(x_rep, masks=masks, delta_masks=deltas, routes=routes)
+        pred = model(x_rep, masks=masks, delta_masks=deltas, routes=routes, rows=rows)
         return recon_errors(pred.unflatten(0, (v, x.shape[0])), target, kind)
 
 
@@ -313,16 +329,9 @@ def compute_losses(
         m, d = draw(S)
         var.add("stochastic_recon", S, m, d, {})
     if cfg.layerwise_recon > 0:
-        # only layer j replaced; the others run with m = r = 1, which is the original layer
-        # exactly (component_model.py), so only layer j's masks are drawn
-        one = lower[names[0]].new_ones(())
-        for j in names:
+        for j in names:  # only layer j replaced (and only its masks drawn)
             m, d = draw(S, [j])
-            masks = {k: m[j] if k == j else one.expand(S, *lower[k].shape) for k in names}
-            deltas = {k: one.expand(S, *batch) for k in names if k != j}
-            if d is not None:
-                deltas[j] = d[j]
-            var.add("layerwise_recon", S, masks, deltas, {})
+            var.add("layerwise_recon", S, m, d, {})
     if cfg.subset_recon > 0:
         m, d = draw(S)
         r = uniform_k_subset_routes((S, *batch), len(names), generator)
