@@ -419,6 +419,22 @@ def test_recon_errors_kl_sums_vocab_and_averages_positions() -> None:
     assert float(recon_error(target, target, "kl")) == pytest.approx(0.0, abs=1e-14)
 
 
+def test_recon_errors_kl_gradient() -> None:
+    """The KL's gradient in ``pred`` (a fused backward, ``(softmax(pred) sum(p) - p) g``) equals
+    autograd through ``F.kl_div`` and passes gradcheck; the frozen target gets none. Catches a
+    backward that ignores the incoming per-variant weight ``g`` or uses ``softmax(target)`` in
+    place of ``softmax(pred)``."""
+    g = _gen(2)
+    target = torch.randn(3, 4, 6, generator=g, dtype=F64)
+    pred = torch.randn(2, 3, 4, 6, generator=g, dtype=F64, requires_grad=True)
+    w = torch.rand(2, generator=g, dtype=F64)
+    (got,) = torch.autograd.grad((recon_errors(pred, target, "kl") * w).sum(), pred)
+    ref = sum(w[v] * _kl(pred[v], target) for v in range(2))
+    (want,) = torch.autograd.grad(ref, pred)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda p: recon_errors(p, target, "kl"), (pred,))
+
+
 def test_recon_errors_bad_input() -> None:
     with pytest.raises(ValueError, match=r"^pred must have shape \(V, 3, 2\), got \(2, 3, 3\)"):
         recon_errors(torch.zeros(2, 3, 3), torch.zeros(3, 2), "mse")

@@ -139,6 +139,29 @@ class LossConfig(BaseModel):
 
 
 # -- reconstruction error ---------------------------------------------------------------------
+class _SoftmaxKL(torch.autograd.Function):
+    """``KL(p || softmax(pred))`` over the last axis, ``p = exp(log_t)`` broadcast over ``pred``.
+
+    ``sum_k p_k (log p_k - log_softmax(pred)_k)``; the backward is the closed form
+    ``(softmax(pred) sum_k p_k - p) g`` in place on one buffer instead of autograd's passes
+    through the difference, the product and ``log_softmax``'s backward. No gradient to ``log_t``
+    (the frozen target's log-probabilities).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pred: Tensor, log_t: Tensor) -> Tensor:
+        p = log_t.exp()
+        log_q = torch.log_softmax(pred, dim=-1)
+        ctx.save_for_backward(log_q, p)
+        return (p * (log_t - log_q)).sum(-1)  # not a difference of sums (small KLs)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        log_q, p = ctx.saved_tensors
+        grad = log_q.exp().mul_(p.sum(-1, keepdim=True)).sub_(p)
+        return grad.mul_(g.unsqueeze(-1)), None
+
+
 def recon_errors(pred: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
     """Per-variant error of ``pred`` (``(V, *target.shape)``) against ``target``, shape ``(V,)``.
 
@@ -153,9 +176,7 @@ def recon_errors(pred: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
     if kind == "mse":
         return (pred - target).square().flatten(1).mean(1)
     if kind == "kl":
-        log_t = torch.log_softmax(target, dim=-1)
-        log_p = torch.log_softmax(pred, dim=-1)
-        kl = (log_t.exp() * (log_t - log_p)).sum(-1)
+        kl = _SoftmaxKL.apply(pred, torch.log_softmax(target.detach(), dim=-1))
         return kl.flatten(1).mean(1)
     raise ValueError(f"output_loss must be one of mse, kl; got {kind!r}")
 
@@ -263,7 +284,8 @@ class _Variants:
             if not on:
                 continue
             groups = [self.groups[i] for i in on]
-            masks[name] = torch.cat([self.masks[name][i] for i in on]).flatten(0, 1)  # type: ignore[misc]
+            chunks = [m for m in self.masks[name] if m is not None]
+            masks[name] = torch.cat(chunks).flatten(0, 1)
             d_chunks = [self.deltas[name][i] for i in on]
             if self.use_delta or any(d is not None for d in d_chunks):  # a missing chunk: r = 0
                 parts = [
