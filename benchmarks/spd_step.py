@@ -1,4 +1,4 @@
-"""SPD training-step benchmark on TMS 5-2: sparselens.spd vs the reference's algorithm.
+"""SPD training-step benchmark (TMS 5-2, ResidMLP-1L): sparselens.spd vs the reference's algorithm.
 
 The workload (issue 5 §4, reference spd.md §12): the bundled TMS 5-2 target, batch 4096, C = 20
 for ``linear1`` and its tied transpose ``linear2``, ``mlp`` CI functions [16], losses stochastic
@@ -17,6 +17,10 @@ with its own Adam state (sheet §13 #6); ``.item()`` on every loss term each ste
 The sheet's measured numbers for the real reference code on a 2-core CPU, 55–70 ms per step
 (61 ms with 1 thread, 56 ms with 2), are printed beside it for scale.
 
+``--target resid_mlp1`` times the ResidMLP-1L step instead (the bundled config: batch 2048, C = 100
+per matrix, ``mlp`` CI [16], stochastic 1 + layerwise 1 + L_p p = 2, coeff 1e-5; the sheet's
+reference: 416 ms with 1 thread, 242 ms with 2; no recovery run).
+
 Each (implementation, threads) measurement runs in a fresh subprocess (``--worker``); runs
 alternate reference, sparselens, ... for ``--rounds`` rounds; the table reports the median step
 time over rounds (min–max). Then, unless ``--no-recovery``, the time to recovery: a full
@@ -24,6 +28,7 @@ time over rounds (min–max). Then, unless ``--no-recovery``, the time to recove
 
     python benchmarks/spd_step.py                   # 3 rounds, 1 and 2 threads, recovery
     python benchmarks/spd_step.py --quick           # 1 round, 1 thread, no recovery
+    python benchmarks/spd_step.py --target resid_mlp1 --rounds 2 --steps 8
 """
 
 from __future__ import annotations
@@ -43,10 +48,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks" / "results" / "spd_step.json"
 IMPLS = ("reference", "sparselens")
-SHEET_MS = {"1": 61.0, "2": 56.0, "range": (55.0, 70.0)}
 GOAL_RATIO = 3.0
 GOAL_RECOVERY_S = 120.0
-BATCH, C, HIDDEN, IMP_COEFF, P = 4096, 20, 16, 3e-3, 1.0
+# per target: batch, C, CI hidden width, L_p coeff and p, decomposed layers, the sheet's ms/step
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "tms_5-2": {
+        "batch": 4096, "C": 20, "hidden": 16, "imp_coeff": 3e-3, "p": 1.0,
+        "layers": ["linear1", "linear2"], "sheet_ms": {"1": 61.0, "2": 56.0},
+    },
+    "resid_mlp1": {
+        "batch": 2048, "C": 100, "hidden": 16, "imp_coeff": 1e-5, "p": 2.0,
+        "layers": ["layers.0.mlp_in", "layers.0.mlp_out"], "sheet_ms": {"1": 416.0, "2": 242.0},
+    },
+}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -118,6 +132,9 @@ def _reference_classes() -> dict[str, Any]:
             h = F.gelu(h)
             return (torch.einsum("...ch,cho->...co", h, self.W2) + self.b2)[..., 0]
 
+    def k(name: str) -> str:  # ModuleDict keys cannot contain dots
+        return name.replace(".", "-")
+
     class RefComponentModel(nn.Module):
         """Hooks installed per forward; target modules run and get their output replaced."""
 
@@ -131,14 +148,14 @@ def _reference_classes() -> dict[str, Any]:
                 m = target.get_submodule(n)
                 d_out, d_in = m.weight.shape
                 b = m.bias.detach().clone() if m.bias is not None else None
-                self.components[n] = LinearComponents(C, d_in, d_out, b)
-                self.ci_fns[n] = MLPCiFn(C, hidden)
+                self.components[k(n)] = LinearComponents(C, d_in, d_out, b)
+                self.ci_fns[k(n)] = MLPCiFn(C, hidden)
 
         def target_weight(self, n: str) -> Tensor:
             return self.target.get_submodule(n).weight
 
         def weight_deltas(self) -> dict[str, Tensor]:
-            return {n: self.target_weight(n) - self.components[n].weight for n in self.names}
+            return {n: self.target_weight(n) - self.components[k(n)].weight for n in self.names}
 
         def forward(
             self,
@@ -157,7 +174,7 @@ def _reference_classes() -> dict[str, Any]:
                     if masks is None:
                         return None
                     mask, delta = masks[n]
-                    return self.components[n](args[0], mask, delta)
+                    return self.components[k(n)](args[0], mask, delta)
 
                 handles.append(module.register_forward_hook(hook))
             try:
@@ -169,8 +186,8 @@ def _reference_classes() -> dict[str, Any]:
         def causal_importance(self, cache: dict[str, Tensor]) -> tuple[dict, dict]:
             lower, upper = {}, {}
             for n in self.names:
-                acts = cache[n] @ self.components[n].V
-                z = self.ci_fns[n](acts)
+                acts = cache[n] @ self.components[k(n)].V
+                z = self.ci_fns[k(n)](acts)
                 lower[n] = LowerLeakyHard.apply(z)
                 upper[n] = upper_leaky_hard(z)
             return lower, upper
@@ -193,7 +210,9 @@ def _reference_classes() -> dict[str, Any]:
         def forward(self, x: Tensor) -> Tensor:
             return F.relu(self.linear2(self.linear1(x)))
 
-    def ref_step(model: RefComponentModel, opt: Any, x: Tensor) -> dict[str, float]:
+    def ref_step(
+        model: RefComponentModel, opt: Any, x: Tensor, imp_coeff: float, p: float
+    ) -> dict[str, float]:
         """One step of spd main's optimize loop (no eval, fp32)."""
         deltas = model.weight_deltas()
         cache: dict[str, Tensor] = {}
@@ -220,9 +239,9 @@ def _reference_classes() -> dict[str, Any]:
         imp = torch.zeros(())
         for n in model.names:
             n_pos = upper[n].shape[0]
-            imp = imp + ((upper[n] + 1e-12) ** P).sum(dim=0).div(n_pos).sum()
+            imp = imp + ((upper[n] + 1e-12) ** p).sum(dim=0).div(n_pos).sum()
         losses["importance_minimality"] = imp
-        total = losses["stochastic_recon"] + losses["layerwise_recon"] + IMP_COEFF * imp
+        total = losses["stochastic_recon"] + losses["layerwise_recon"] + imp_coeff * imp
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -231,40 +250,46 @@ def _reference_classes() -> dict[str, Any]:
     return {"RefComponentModel": RefComponentModel, "TMSTarget": TMSTarget, "ref_step": ref_step}
 
 
-def _reference_setup(seed: int) -> tuple[Any, Any, Any]:
-    """Reference-style model and optimiser on the bundled 5-2 target; returns a step closure."""
+def _reference_setup(seed: int, target: str) -> Any:
+    """Reference-style model and optimiser on the bundled target; returns a step closure."""
     import torch
 
-    from sparselens.spd.targets.tms import tms_batch
     from sparselens.spd.tasks import load_task
 
-    task = load_task("tms_5-2")
-    tgt = task.target
+    w = WORKLOADS[target]
+    task = load_task(target)
     cls = _reference_classes()
     torch.manual_seed(seed)
-    target = cls["TMSTarget"](tgt.linear1.weight.detach(), tgt.linear2.bias.detach())
-    model = cls["RefComponentModel"](target, ["linear1", "linear2"], C, HIDDEN)
-    # the reference's tie: linear2's U/V .data become views of linear1's V.T / U.T
-    c1, c2 = model.components["linear1"], model.components["linear2"]
-    c2.V.data = c1.U.data.T
-    c2.U.data = c1.V.data.T
+    if target == "tms_5-2":
+        tgt = task.target
+        module = cls["TMSTarget"](tgt.linear1.weight.detach(), tgt.linear2.bias.detach())
+    else:
+        module = task.target  # frozen ResidMLP, plain nn.Linear layers
+    model = cls["RefComponentModel"](module, w["layers"], w["C"], w["hidden"])
+    if target == "tms_5-2":  # the reference's tie: linear2's U/V .data become views of linear1's
+        c1, c2 = model.components["linear1"], model.components["linear2"]
+        c2.V.data = c1.U.data.T
+        c2.U.data = c1.V.data.T
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    cfg = tgt.cfg
 
     def step() -> None:
-        cls["ref_step"](model, opt, tms_batch(BATCH, cfg, gen))
+        x = task.sample(w["batch"], gen)
+        cls["ref_step"](model, opt, x, w["imp_coeff"], w["p"])
 
-    return step, model, opt
+    return step
 
 
-def _sparselens_setup(seed: int) -> Any:
+def _sparselens_setup(seed: int, target: str) -> Any:
     from sparselens.spd.config import load_config
     from sparselens.spd.tasks import load_task
     from sparselens.spd.trainer import SPDTrainer
 
-    config = load_config("tms_5-2", seed=seed, batch_size=BATCH, steps=10_000, ci_hidden=[HIDDEN])
-    trainer = SPDTrainer(config, load_task("tms_5-2"))
+    w = WORKLOADS[target]
+    config = load_config(
+        target, seed=seed, batch_size=w["batch"], steps=10_000, ci_hidden=[w["hidden"]]
+    )
+    trainer = SPDTrainer(config, load_task(target))
 
     def step() -> None:
         trainer.train_step()
@@ -274,11 +299,14 @@ def _sparselens_setup(seed: int) -> Any:
     return step
 
 
-def worker(impl: str, threads: int, warmup: int, steps: int, seed: int, out: Path) -> None:
+def worker(
+    impl: str, target: str, threads: int, warmup: int, steps: int, seed: int, out: Path
+) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    step = _reference_setup(seed)[0] if impl == "reference" else _sparselens_setup(seed)
+    setup = _reference_setup if impl == "reference" else _sparselens_setup
+    step = setup(seed, target)
     for _ in range(warmup):
         step()
     times, cpu = [], []
@@ -305,7 +333,8 @@ def run_worker(impl: str, threads: int, args: argparse.Namespace, tmp: Path) -> 
     out = tmp / f"{impl}-{threads}-{time.perf_counter_ns()}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [
-        sys.executable, __file__, "--worker", impl, "--threads", str(threads),
+        sys.executable, __file__, "--worker", impl, "--target", args.target,
+        "--threads", str(threads),
         "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed),
         "--worker-out", str(out),
     ]  # fmt: skip
@@ -354,7 +383,7 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {label} | {t} | {s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) | {ratio} |"
             )
-        sheet = SHEET_MS.get(t)
+        sheet = results["reference_sheet_ms"].get(t)
         if sheet is not None and "sparselens" in per:
             r = sheet / per["sparselens"]["step_ms"]["median"]
             lines.append(
@@ -379,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--threads", default=None, help="comma-separated thread counts (1,2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", choices=sorted(WORKLOADS), default="tms_5-2")
     p.add_argument("--quick", action="store_true", help="1 round, 10 steps, 1 thread, no recovery")
     p.add_argument("--no-recovery", action="store_true", help="skip the time-to-recovery runs")
     p.add_argument("--recovery-configs", default="tms_5-2,tms_5-2_id")
@@ -387,22 +417,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, int(args.threads), args.warmup, args.steps, args.seed, args.worker_out)
+        worker(
+            args.worker, args.target, int(args.threads), args.warmup, args.steps, args.seed,
+            args.worker_out,
+        )  # fmt: skip
         return 0
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (10 if args.quick else 30)
     threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
-    output = args.output or (
-        DEFAULT_OUTPUT.with_name("spd_step-quick.json") if args.quick else DEFAULT_OUTPUT
-    )
+    stem = "spd_step" if args.target == "tms_5-2" else f"spd_step-{args.target}"
+    output = args.output or DEFAULT_OUTPUT.with_name(f"{stem}{'-quick' if args.quick else ''}.json")
+    w = WORKLOADS[args.target]
+    sheet_ms = w["sheet_ms"]
     results: dict[str, Any] = {
         "workload": {
-            "target": "tms_5-2 (bundled)", "batch_size": BATCH, "C": C, "ci": f"mlp [{HIDDEN}]",
-            "losses": "stochastic 1 + layerwise 1 + L_p (p=1, coeff 3e-3), delta on",
+            "target": f"{args.target} (bundled)", "batch_size": w["batch"], "C": w["C"],
+            "ci": f"mlp [{w['hidden']}]",
+            "losses": f"stochastic 1 + layerwise 1 + L_p (p={w['p']:g}, coeff {w['imp_coeff']:g}),"
+            " delta on",
             "dtype": "float32",
         },
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "reference_sheet_ms": SHEET_MS,
+        "reference_sheet_ms": sheet_ms,
         "rounds": args.rounds, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "steps": {},
     }  # fmt: skip
@@ -420,9 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             ref, mine = (statistics.median(runs[i]) for i in IMPLS)
             results["steps"][str(t)]["speedup_vs_reimplementation"] = ref / mine
-            if str(t) in SHEET_MS:
-                results["steps"][str(t)]["speedup_vs_sheet"] = SHEET_MS[str(t)] / mine
-        if not (args.quick or args.no_recovery):
+            if str(t) in sheet_ms:
+                results["steps"][str(t)]["speedup_vs_sheet"] = sheet_ms[str(t)] / mine
+        if not (args.quick or args.no_recovery or args.target != "tms_5-2"):
             import torch
 
             torch.set_num_threads(1)
