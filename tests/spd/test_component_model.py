@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
-from sparselens.spd.component_model import ComponentModel, DecomposedModule
+from sparselens.spd.component_model import BaseInput, ComponentModel, DecomposedModule
 from sparselens.spd.components import EmbeddingComponents, TiedLinearComponents
 from sparselens.spd.targets.io import load_bundled_target
 from sparselens.spd.targets.tms import tms_decomposition
@@ -234,6 +234,41 @@ def test_rows_equal_routes_on_whole_rows(case: str, with_delta: bool) -> None:
         torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="the selected rows"):
         model(x, masks, d_full, rows=rows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_base_input_reuses_one_copy(case: str, with_rows: bool) -> None:
+    """On a 3-fold repeated batch, ``base`` (the first layer's input for one copy, plus its
+    component activations) gives the same output and gradients as recomputing on every copy,
+    with and without ``rows``. Catches row i of copy k mapped to a row other than i."""
+    model, _, x, _ = _build(case, F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    first = next(iter(cache))
+    x3 = x.repeat(3, *([1] * (x.dim() - 1)))
+    _, cache3 = model.target_output(x3, cache_inputs=True)
+    masks, deltas = _all_masks(model, cache3, 9)
+    rows = None
+    if with_rows:
+        n = x3.shape[0]
+        rows = {k: torch.arange(n)[torch.arange(n) % 3 != 1] for k in masks}
+        masks = {k: m[rows[k]] for k, m in masks.items()}
+        deltas = {k: d[rows[k]] for k, d in deltas.items()}
+    params = list(model.components.parameters())
+    want = model(x3, masks, deltas, rows=rows)
+    g_want = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    acts = model.component(first).acts(cache[first])
+    for base in (BaseInput(first, cache[first]), BaseInput(first, cache[first], acts)):
+        got = model(x3, masks, deltas, rows=rows, base=base)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        g_got = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+        for a, b in zip(g_got, g_want, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    bad = BaseInput(first, cache[first][..., :-1])  # not what the layer sees, repeated
+    with pytest.raises(ValueError, match=f"base input of '{first}' has shape"):
+        model(x3, masks, deltas, rows=rows, base=bad)
 
 
 def test_tms_replaced_forward_equals_explicit() -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +61,17 @@ class DecomposedModule(BaseModel):
     )
 
 
+class BaseInput(NamedTuple):
+    """The first decomposed layer's input for ONE copy of a batch that the model's input repeats
+    along dim 0 (``x.repeat(n, ...)``, as the batched loss variants do): that layer's input is then
+    the same rows repeated, so it reuses ``x V`` and ``x W^T`` of one copy (and ``acts``, the
+    activations the CI function already formed, if given) instead of recomputing them n times."""
+
+    name: str
+    x: Tensor
+    acts: Tensor | None = None
+
+
 @dataclass
 class _CallState:
     """What the slots read during one forward call of the component model."""
@@ -70,9 +81,11 @@ class _CallState:
     delta_masks: Mapping[str, Tensor] = field(default_factory=dict)
     routes: Mapping[str, Tensor] = field(default_factory=dict)
     rows: Mapping[str, Tensor] = field(default_factory=dict)
+    base: BaseInput | None = None
 
     def reset(self) -> None:
         self.cache, self.masks, self.delta_masks, self.routes, self.rows = None, {}, {}, {}, {}
+        self.base = None
 
 
 class _Slot(nn.Module):
@@ -122,12 +135,50 @@ class _Slot(nn.Module):
             one = mask.new_ones(())
             mask = torch.where(route.unsqueeze(-1), mask, one)
             delta = (~route).to(mask.dtype) if delta is None else torch.where(route, delta, one)
+        base, st.base = st.base, None  # only the first slot reached sees the repeated input
+        if base is not None and base.name == name:
+            return self._from_base(comp, base, x, rows, mask, delta)
         if rows is None:
             return comp(x, mask, delta)
         # only the selected rows run on the components; the others are the original layer
         y0 = comp.target_product(x)
         b = comp.bias
         part = comp(xs, mask, delta, target_product=y0.index_select(0, rows))
+        return (y0 if b is None else y0 + b).index_copy(0, rows, part)
+
+    @staticmethod
+    def _from_base(
+        comp: Components,
+        base: BaseInput,
+        x: Tensor,
+        rows: Tensor | None,
+        mask: Tensor,
+        delta: Tensor | None,
+    ) -> Tensor:
+        """The replaced forward on ``x = base.x`` repeated, from one copy's products."""
+        n_base = base.x.shape[0]
+        if x.shape[1:] != base.x.shape[1:] or x.shape[0] % n_base:
+            raise ValueError(
+                f"base input of {base.name!r} has shape {tuple(base.x.shape)}; the layer's "
+                f"input {tuple(x.shape)} is not a repeat of it along dim 0"
+            )
+        n = x.shape[0] // n_base
+
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat(n, *([1] * (t.dim() - 1)))
+
+        acts = comp.acts(base.x) if base.acts is None else base.acts
+        y0 = comp.target_product(base.x) if delta is not None or rows is not None else None
+        if rows is None:
+            y0_rep = None if y0 is None else rep(y0)
+            return comp(x, mask, delta, acts=rep(acts), target_product=y0_rep)
+        assert y0 is not None
+        sel = rows % n_base
+        part = comp(
+            x, mask, delta, acts=acts.index_select(0, sel), target_product=y0.index_select(0, sel)
+        )
+        b = comp.bias
+        y0 = rep(y0)
         return (y0 if b is None else y0 + b).index_copy(0, rows, part)
 
 
@@ -257,8 +308,11 @@ class ComponentModel(nn.Module):
             st.reset()
         return out, cache
 
-    def causal_importance(self, inputs: Mapping[str, Tensor]) -> dict[str, CIOutput]:
-        """CI of every decomposed layer from its (cached) input."""
+    def causal_importance(
+        self, inputs: Mapping[str, Tensor], acts_out: dict[str, Tensor] | None = None
+    ) -> dict[str, CIOutput]:
+        """CI of every decomposed layer from its (cached) input; ``acts_out`` receives the
+        component activations ``x V`` the CI functions formed (``mlp`` CI functions only)."""
         out = {}
         for name in self.names:
             x = inputs.get(name)
@@ -266,6 +320,8 @@ class ComponentModel(nn.Module):
                 raise KeyError(f"causal_importance needs the input of {name!r}")
             fn = self.ci_fns[key(name)]
             acts = self.components[key(name)].acts(x) if fn.uses_component_acts else None
+            if acts is not None and acts_out is not None:
+                acts_out[name] = acts
             out[name] = ci_output(fn(x, acts))
         return out
 
@@ -276,11 +332,14 @@ class ComponentModel(nn.Module):
         delta_masks: Mapping[str, Tensor] | None = None,
         routes: Mapping[str, Tensor] | None = None,
         rows: Mapping[str, Tensor] | None = None,
+        base: BaseInput | None = None,
     ) -> Tensor:
         """The target's output with the layers in ``masks`` replaced (module docstring).
 
         ``rows`` (int64 indices along the input's first axis, per layer) restricts a layer's
         replacement to those rows; its masks, delta masks and routes then cover only them.
+        ``base``: see :class:`BaseInput` (the caller vouches that ``x`` repeats one batch whose
+        first decomposed layer saw ``base.x``).
         """
         for what, given in (
             ("masks", masks),
@@ -297,7 +356,7 @@ class ComponentModel(nn.Module):
         st = self._state
         st.reset()
         st.masks, st.delta_masks, st.routes = masks or {}, delta_masks or {}, routes or {}
-        st.rows = rows or {}
+        st.rows, st.base = rows or {}, base
         try:
             return self._select(self.target(x))
         finally:
@@ -308,4 +367,4 @@ class ComponentModel(nn.Module):
         return {n: self.components[key(n)].weight_delta() for n in self.names}
 
 
-__all__ = ["ComponentModel", "DecomposedModule", "key"]
+__all__ = ["BaseInput", "ComponentModel", "DecomposedModule", "key"]

@@ -38,7 +38,7 @@ from torch import Tensor
 from sparselens.core import distributed as D
 from sparselens.core import penalties
 from sparselens.core.schedules import Schedule
-from sparselens.spd.component_model import ComponentModel
+from sparselens.spd.component_model import BaseInput, ComponentModel
 from sparselens.spd.masks import stochastic_masks, uniform_k_subset_routes
 
 OutputLoss = Literal["mse", "kl"]
@@ -272,8 +272,16 @@ class _Variants:
             self.deltas[name].append(deltas.get(name) if deltas is not None else None)
             self.routes[name].append(routes.get(name))
 
-    def run(self, model: ComponentModel, x: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
-        """Per-variant reconstruction errors, shape ``(count,)``, from one forward pass."""
+    def run(
+        self,
+        model: ComponentModel,
+        x: Tensor,
+        target: Tensor,
+        kind: OutputLoss,
+        base: BaseInput | None = None,
+    ) -> Tensor:
+        """Per-variant reconstruction errors, shape ``(count,)``, from one forward pass
+        (``base``: the first decomposed layer's input for one copy of ``x``)."""
         v, n_rows = self.count, x.shape[0]
         masks: dict[str, Tensor] = {}
         deltas: dict[str, Tensor] = {}
@@ -305,7 +313,7 @@ class _Variants:
                     [torch.arange(g[1] * n_rows, (g[1] + g[2]) * n_rows) for g in groups]
                 )
         x_rep = x.repeat(v, *([1] * (x.dim() - 1))) if v > 1 else x
-        pred = model(x_rep, masks=masks, delta_masks=deltas, routes=routes, rows=rows)
+        pred = model(x_rep, masks=masks, delta_masks=deltas, routes=routes, rows=rows, base=base)
         return recon_errors(pred.unflatten(0, (v, x.shape[0])), target, kind)
 
 
@@ -330,7 +338,8 @@ def compute_losses(
     mask, delta mask, route and PGD start.
     """
     target, inputs = model.target_output(x, cache_inputs=True)
-    ci = model.causal_importance(inputs)
+    acts: dict[str, Tensor] = {}
+    ci = model.causal_importance(inputs, acts_out=acts)
     lower = {n: c.lower for n, c in ci.items()}
     batch = _batch_shape(lower)
     names = model.names
@@ -364,7 +373,9 @@ def compute_losses(
     terms: dict[str, Tensor] = {}
     total = torch.zeros((), dtype=dtype)
     if var.count:
-        errs = var.run(model, x, target, cfg.output_loss)
+        first = next(iter(inputs))  # the cache is filled in call order
+        base = BaseInput(first, inputs[first], acts.get(first))
+        errs = var.run(model, x, target, cfg.output_loss, base)
         chunks: dict[str, list[Tensor]] = {}  # layerwise adds one group per layer
         for term, start, n in var.groups:
             chunks.setdefault(term, []).append(errs[start : start + n])
