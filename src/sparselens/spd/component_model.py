@@ -65,7 +65,10 @@ class BaseInput(NamedTuple):
     """The first decomposed layer's input for ONE copy of a batch that the model's input repeats
     along dim 0 (``x.repeat(n, ...)``, as the batched loss variants do): that layer's input is then
     the same rows repeated, so it reuses ``x V`` and ``x W^T`` of one copy (and ``acts``, the
-    activations the CI function already formed, if given) instead of recomputing them n times."""
+    activations the CI function already formed, if given) instead of recomputing them n times.
+
+    Valid when the layer is called once per forward (:attr:`ComponentModel.first_layer`) and the
+    frozen target before it treats rows independently (eval mode: no batch statistics)."""
 
     name: str
     x: Tensor
@@ -82,10 +85,11 @@ class _CallState:
     routes: Mapping[str, Tensor] = field(default_factory=dict)
     rows: Mapping[str, Tensor] = field(default_factory=dict)
     base: BaseInput | None = None
+    calls: dict[str, int] = field(default_factory=dict)  # slot calls while caching
 
     def reset(self) -> None:
         self.cache, self.masks, self.delta_masks, self.routes, self.rows = None, {}, {}, {}, {}
-        self.base = None
+        self.base, self.calls = None, {}
 
 
 class _Slot(nn.Module):
@@ -111,6 +115,7 @@ class _Slot(nn.Module):
         st, name = self._state, self._name
         if st.cache is not None:
             st.cache[name] = x
+            st.calls[name] = st.calls.get(name, 0) + 1
         mask = st.masks.get(name)
         if mask is None:
             return self.original(x, *args, **kwargs)
@@ -157,7 +162,7 @@ class _Slot(nn.Module):
     ) -> Tensor:
         """The replaced forward on ``x = base.x`` repeated, from one copy's products."""
         n_base = base.x.shape[0]
-        if x.shape[1:] != base.x.shape[1:] or x.shape[0] % n_base:
+        if x.shape[1:] != base.x.shape[1:] or n_base == 0 or x.shape[0] % n_base:
             raise ValueError(
                 f"base input of {base.name!r} has shape {tuple(base.x.shape)}; the layer's "
                 f"input {tuple(x.shape)} is not a repeat of it along dim 0"
@@ -174,8 +179,9 @@ class _Slot(nn.Module):
             return comp(x, mask, delta, acts=rep(acts), target_product=y0_rep)
         assert y0 is not None
         sel = rows % n_base
+        xs = x.index_select(0, rows)
         part = comp(
-            x, mask, delta, acts=acts.index_select(0, sel), target_product=y0.index_select(0, sel)
+            xs, mask, delta, acts=acts.index_select(0, sel), target_product=y0.index_select(0, sel)
         )
         b = comp.bias
         y0 = rep(y0)
@@ -215,6 +221,8 @@ class ComponentModel(nn.Module):
         self.target = target
         self.output_index = output_index
         self._state = _CallState()
+        self.first_layer: str | None = None
+        """Set by ``target_output(..., cache_inputs=True)`` (see there)."""
         all_names = module_names(target)
         assigned: dict[str, DecomposedModule] = {}
         for spec in specs:
@@ -295,7 +303,12 @@ class ComponentModel(nn.Module):
     def target_output(
         self, x: Tensor, cache_inputs: bool = False
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The target's output and (``cache_inputs``) each decomposed layer's input; no grad."""
+        """The target's output and (``cache_inputs``) each decomposed layer's input; no grad.
+
+        A layer called several times keeps its last call's input. With ``cache_inputs``,
+        :attr:`first_layer` is set to the first decomposed layer this pass reached if it was
+        called exactly once (the layer a :class:`BaseInput` may stand for), else None.
+        """
         st = self._state
         st.reset()
         cache: dict[str, Tensor] = {}
@@ -304,6 +317,9 @@ class ComponentModel(nn.Module):
         try:
             with torch.no_grad():
                 out = self._select(self.target(x))
+            if cache_inputs:
+                first = next(iter(cache), None)
+                self.first_layer = first if first and st.calls[first] == 1 else None
         finally:
             st.reset()
         return out, cache

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sparselens.core import distributed as D
 from sparselens.core import penalties
@@ -156,6 +157,7 @@ class _SoftmaxKL(torch.autograd.Function):
         return (p * (log_t - log_q)).sum(-1)  # not a difference of sums (small KLs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         log_q, p = ctx.saved_tensors
         grad = log_q.exp().mul_(p.sum(-1, keepdim=True)).sub_(p)
@@ -166,7 +168,8 @@ def recon_errors(pred: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
     """Per-variant error of ``pred`` (``(V, *target.shape)``) against ``target``, shape ``(V,)``.
 
     ``mse``: mean over every output element; ``kl``: ``KL(softmax(target) || softmax(pred))``
-    summed over the last (vocabulary) axis, mean over positions.
+    summed over the last (vocabulary) axis, mean over positions. ``kl`` treats ``target`` as a
+    constant (the frozen target's output): no gradient reaches it.
     """
     if pred.shape[1:] != target.shape:
         raise ValueError(
@@ -282,7 +285,7 @@ class _Variants:
     ) -> Tensor:
         """Per-variant reconstruction errors, shape ``(count,)``, from one forward pass
         (``base``: the first decomposed layer's input for one copy of ``x``)."""
-        v, n_rows = self.count, x.shape[0]
+        v, n_rows = self.count, self.batch[0]  # the layers' first axis: B, or B*T if flattened
         masks: dict[str, Tensor] = {}
         deltas: dict[str, Tensor] = {}
         routes: dict[str, Tensor] = {}
@@ -310,7 +313,10 @@ class _Variants:
                 routes[name] = torch.cat(parts).flatten(0, 1)
             if len(on) < len(self.groups):
                 rows[name] = torch.cat(
-                    [torch.arange(g[1] * n_rows, (g[1] + g[2]) * n_rows) for g in groups]
+                    [
+                        torch.arange(g[1] * n_rows, (g[1] + g[2]) * n_rows, device=x.device)
+                        for g in groups
+                    ]
                 )
         x_rep = x.repeat(v, *([1] * (x.dim() - 1))) if v > 1 else x
         pred = model(x_rep, masks=masks, delta_masks=deltas, routes=routes, rows=rows, base=base)
@@ -373,8 +379,10 @@ def compute_losses(
     terms: dict[str, Tensor] = {}
     total = torch.zeros((), dtype=dtype)
     if var.count:
-        first = next(iter(inputs))  # the cache is filled in call order
-        base = BaseInput(first, inputs[first], acts.get(first))
+        first = model.first_layer  # None if the first layer reached is called repeatedly
+        base = None
+        if first is not None and inputs[first].shape[0] > 0:
+            base = BaseInput(first, inputs[first], acts.get(first))
         errs = var.run(model, x, target, cfg.output_loss, base)
         chunks: dict[str, list[Tensor]] = {}  # layerwise adds one group per layer
         for term, start, n in var.groups:
