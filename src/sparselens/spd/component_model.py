@@ -140,52 +140,47 @@ class _Slot(nn.Module):
             one = mask.new_ones(())
             mask = torch.where(route.unsqueeze(-1), mask, one)
             delta = (~route).to(mask.dtype) if delta is None else torch.where(route, delta, one)
+        acts = y0 = acts_sel = y0_sel = None  # None: formed from x below / by comp
         base, st.base = st.base, None  # only the first slot reached sees the repeated input
         if base is not None and base.name == name:
-            return self._from_base(comp, base, x, rows, mask, delta)
+            # x repeats base.x along dim 0: one copy's products, repeated or row-selected
+            need_y0 = delta is not None or rows is not None
+            a1, y1, n = self._base_products(comp, base, x, need_y0)
+            if rows is None:
+                acts, y0 = _repeat(a1, n), None if y1 is None else _repeat(y1, n)
+            else:
+                assert y1 is not None  # need_y0 with rows
+                sel = rows % base.x.shape[0]
+                acts_sel, y0_sel = a1.index_select(0, sel), y1.index_select(0, sel)
+                y0 = _repeat(y1, n)
         if rows is None:
-            return comp(x, mask, delta)
+            return comp(x, mask, delta, acts=acts, target_product=y0)
         # only the selected rows run on the components; the others are the original layer
-        y0 = comp.target_product(x)
+        y0 = comp.target_product(x) if y0 is None else y0
+        y0_sel = y0.index_select(0, rows) if y0_sel is None else y0_sel
+        part = comp(xs, mask, delta, acts=acts_sel, target_product=y0_sel)
         b = comp.bias
-        part = comp(xs, mask, delta, target_product=y0.index_select(0, rows))
         return (y0 if b is None else y0 + b).index_copy(0, rows, part)
 
     @staticmethod
-    def _from_base(
-        comp: Components,
-        base: BaseInput,
-        x: Tensor,
-        rows: Tensor | None,
-        mask: Tensor,
-        delta: Tensor | None,
-    ) -> Tensor:
-        """The replaced forward on ``x = base.x`` repeated, from one copy's products."""
+    def _base_products(
+        comp: Components, base: BaseInput, x: Tensor, need_y0: bool
+    ) -> tuple[Tensor, Tensor | None, int]:
+        """``x V`` and (``need_y0``) ``x W^T`` of one copy, and the number of copies in ``x``."""
         n_base = base.x.shape[0]
         if x.shape[1:] != base.x.shape[1:] or n_base == 0 or x.shape[0] % n_base:
             raise ValueError(
                 f"base input of {base.name!r} has shape {tuple(base.x.shape)}; the layer's "
                 f"input {tuple(x.shape)} is not a repeat of it along dim 0"
             )
-        n = x.shape[0] // n_base
-
-        def rep(t: Tensor) -> Tensor:
-            return t.repeat(n, *([1] * (t.dim() - 1)))
-
         acts = comp.acts(base.x) if base.acts is None else base.acts
-        y0 = comp.target_product(base.x) if delta is not None or rows is not None else None
-        if rows is None:
-            y0_rep = None if y0 is None else rep(y0)
-            return comp(x, mask, delta, acts=rep(acts), target_product=y0_rep)
-        assert y0 is not None
-        sel = rows % n_base
-        xs = x.index_select(0, rows)
-        part = comp(
-            xs, mask, delta, acts=acts.index_select(0, sel), target_product=y0.index_select(0, sel)
-        )
-        b = comp.bias
-        y0 = rep(y0)
-        return (y0 if b is None else y0 + b).index_copy(0, rows, part)
+        y0 = comp.target_product(base.x) if need_y0 else None
+        return acts, y0, x.shape[0] // n_base
+
+
+def _repeat(t: Tensor, n: int) -> Tensor:
+    """``t`` tiled ``n`` times along dim 0 (as ``x.repeat(n, ...)`` tiles the batch)."""
+    return t.repeat(n, *([1] * (t.dim() - 1)))
 
 
 def key(name: str) -> str:
