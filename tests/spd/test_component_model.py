@@ -149,30 +149,21 @@ def test_all_ones_masks_with_unit_delta_give_the_target(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_routes_false_give_the_target(case: str) -> None:
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_routes_false_give_the_target(case: str, with_delta: bool) -> None:
+    """Routed-off positions give the target exactly, routed-on ones the replaced forward, with
+    or without delta masks. Catches routing implemented as the mask ``m = 1`` alone, which
+    without the delta would output ``x (VU)^T + b``."""
     model, _, x, before = _build(case, F64)
     _, cache = model.target_output(x, cache_inputs=True)
-    masks, deltas = _all_masks(model, cache, 1)
+    masks, deltas = _all_masks(model, cache, 1 if with_delta else 5)
+    d = deltas if with_delta else None
     routes = {n: torch.zeros(m.shape[:-1], dtype=torch.bool) for n, m in masks.items()}
-    torch.testing.assert_close(model(x, masks, deltas, routes), before, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x, masks, d, routes), before, rtol=1e-12, atol=1e-12)
     routes_on = {n: ~r for n, r in routes.items()}
     torch.testing.assert_close(
-        model(x, masks, deltas, routes_on), model(x, masks, deltas), rtol=1e-12, atol=1e-12
+        model(x, masks, d, routes_on), model(x, masks, d), rtol=1e-12, atol=1e-12
     )
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_routes_without_delta_masks(case: str) -> None:
-    """No delta component: routed-off positions still give the target exactly (not ``x (VU)^T``),
-    routed-on positions the delta-free replaced forward. Catches routing implemented as the
-    mask ``m = 1`` alone, which without the delta would output ``x (VU)^T + b``."""
-    model, _, x, before = _build(case, F64)
-    _, cache = model.target_output(x, cache_inputs=True)
-    masks, _ = _all_masks(model, cache, 5)
-    off = {n: torch.zeros(m.shape[:-1], dtype=torch.bool) for n, m in masks.items()}
-    torch.testing.assert_close(model(x, masks, None, off), before, rtol=1e-12, atol=1e-12)
-    on = {n: ~r for n, r in off.items()}
-    torch.testing.assert_close(model(x, masks, None, on), model(x, masks), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", list(CASES))
