@@ -295,8 +295,7 @@ class _Variants:
             if not on:
                 continue
             groups = [self.groups[i] for i in on]
-            chunks = [m for m in self.masks[name] if m is not None]
-            masks[name] = torch.cat(chunks).flatten(0, 1)
+            masks[name] = torch.cat([m for m in self.masks[name] if m is not None]).flatten(0, 1)
             d_chunks = [self.deltas[name][i] for i in on]
             if self.use_delta or any(d is not None for d in d_chunks):  # a missing chunk: r = 0
                 parts = [
@@ -307,7 +306,9 @@ class _Variants:
             r_chunks = [self.routes[name][i] for i in on]
             if any(r is not None for r in r_chunks):
                 parts = [
-                    r if r is not None else torch.ones((g[2], *self.batch), dtype=torch.bool)
+                    r
+                    if r is not None
+                    else torch.ones((g[2], *self.batch), dtype=torch.bool, device=x.device)
                     for r, g in zip(r_chunks, groups, strict=True)
                 ]
                 routes[name] = torch.cat(parts).flatten(0, 1)
