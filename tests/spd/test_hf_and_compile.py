@@ -51,21 +51,20 @@ def test_gpt2_conv1d_layers_decompose_exactly():
     assert comp.U.grad is not None and comp.U.grad.abs().sum() > 0
 
 
-def test_compiled_mlp_ci_matches_eager():
-    """The torch.compile path computes the same function and gradients as the eager fused one
-    (skipped where compiling is impossible; the run then falls back to eager)."""
+def test_torch_compiled_mlp_ci_matches_eager():
+    """The torch.compile path (used off CPU, or where the C++ kernels cannot build) computes the
+    same function and gradients as the eager fused op (skipped where compiling is impossible)."""
     torch.manual_seed(0)
     fn = MLPCI(C=6, hidden=[4])
     h = torch.randn(32, 6, requires_grad=True)
+    args = (h, fn.weights[0][:, 0, :], fn.biases[0], fn.w_out, fn.b_out)
     z_eager = fn(None, h)
     g_eager = torch.autograd.grad(z_eager.sum(), [h, *fn.parameters()])
-    fn.compiled = True
-    z = fn(None, h)
-    if _Compiled.failed:
+    z = _Compiled.run(*args)
+    if z is None:
         pytest.skip("torch.compile is not available here")
+    assert "CompiledFunction" in type(z.grad_fn).__name__
     g = torch.autograd.grad(z.sum(), [h, *fn.parameters()])
     torch.testing.assert_close(z, z_eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # evaluation stays eager (shapes differ; no recompiles)
-        torch.testing.assert_close(fn(None, h), z_eager.detach())

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sparselens.core.checks import check_choice, check_int
 from sparselens.core.sigmoids import lower_leaky, upper_leaky
+from sparselens.spd import ci_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,10 @@ class MLPCI(nn.Module):
         super().__init__()
         self.C = C
         self.compiled = False
-        """Training passes (grad enabled) of a one-hidden-layer MLP run through torch.compile
-        (about 2x faster on CPU; the first call compiles, ~5-15 s; shapes are fixed, so eval
-        passes without grad stay eager)."""
+        """A one-hidden-layer MLP runs compiled code: on CPU in fp32 the fused C++ kernels of
+        :mod:`~sparselens.spd.ci_kernels` (built once per machine, a few seconds), elsewhere
+        torch.compile for training passes (grad enabled; eval passes stay eager, no recompiles);
+        either falls back to the eager fused op if it cannot build."""
         widths = [1, *hidden]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -146,8 +148,10 @@ class MLPCI(nn.Module):
     def forward(self, x: Tensor, acts: Tensor) -> Tensor:
         if len(self.weights) == 1 and acts.numel():
             args = (acts, self.weights[0][:, 0, :], self.biases[0], self.w_out, self.b_out)
-            if self.compiled and torch.is_grad_enabled():
-                out = _Compiled.run(*args)
+            if self.compiled:
+                out = ci_kernels.one_hidden_mlp(*args)
+                if out is None and torch.is_grad_enabled():
+                    out = _Compiled.run(*args)
                 if out is not None:
                     return out
             return _OneHiddenMLP.apply(*args)
