@@ -437,3 +437,25 @@ def test_argument_errors(call: Callable[[], object], exc: type[Exception], name:
         call()
     msg = str(info.value)
     assert msg.startswith(name) and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ci, **kw: P.lp_importance(ci, 1.0, **kw),
+        lambda ci, **kw: P.smooth_l0(ci, 0.1, **kw),
+        lambda ci, **kw: P.lp_and_frequency(ci, 1.0, 8.0, **kw)[0],
+        lambda ci, **kw: P.smooth_l0_and_frequency(ci, 0.1, 8.0, **kw)[0],
+    ],
+    ids=["lp", "smooth_l0", "lp_and_frequency", "smooth_l0_and_frequency"],
+)
+def test_finite_check_off_skips_only_the_scan(call: Callable[..., Tensor]) -> None:
+    """``finite_check=False`` (a training loop that checks its logged losses instead) gives the
+    same value on finite CI and lets NaN through as NaN instead of raising."""
+    ci = torch.rand(6, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(call(ci, finite_check=False), call(ci))
+    bad = ci.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match="ci must be finite"):
+        call(bad)
+    assert math.isnan(float(call(bad, finite_check=False)))

@@ -35,8 +35,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check_ci(ci: Tensor, name: str = "ci") -> Tensor:
-    """Validate ``ci`` and return it in the compute dtype."""
+def _check_ci(ci: Tensor, name: str = "ci", finite_check: bool = True) -> Tensor:
+    """Validate ``ci`` and return it in the compute dtype. ``finite_check=False`` skips the NaN /
+    inf scan, the one check that reads the tensor on the host (a training loop that checks its
+    accumulated losses instead keeps its steps free of host synchronisation)."""
     if not isinstance(ci, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ci).__name__}")
     if not ci.is_floating_point():
@@ -47,7 +49,8 @@ def _check_ci(ci: Tensor, name: str = "ci") -> Tensor:
         )
     if ci.numel() == 0 and not is_distributed():
         raise ValueError(f"{name} must hold at least one token, got shape {tuple(ci.shape)}")
-    check_finite(name, ci)
+    if finite_check:
+        check_finite(name, ci)
     return ci.to(_compute_dtype(ci))
 
 
@@ -98,7 +101,7 @@ def _check_p_eps(p: float, eps: float) -> None:
     check_number("eps", eps, ge=0.0)
 
 
-def lp_importance(ci: Tensor, p: float, eps: float = 1e-12) -> Tensor:
+def lp_importance(ci: Tensor, p: float, eps: float = 1e-12, *, finite_check: bool = True) -> Tensor:
     """L_p importance minimality ``sum_c mean_tokens (ci + eps)^p``.
 
     Bushnaq et al. (2025), Stochastic Parameter Decomposition (arXiv 2506.20790), importance
@@ -107,11 +110,13 @@ def lp_importance(ci: Tensor, p: float, eps: float = 1e-12) -> Tensor:
     (negative entries with non-integer ``p`` give NaN).
     """
     _check_p_eps(p, eps)
-    x = _check_ci(ci)
+    x = _check_ci(ci, finite_check=finite_check)
     return component_means((x + eps) ** p).sum()
 
 
-def smooth_l0(ci: Tensor, gamma: float, normalize_at_one: bool = False) -> Tensor:
+def smooth_l0(
+    ci: Tensor, gamma: float, normalize_at_one: bool = False, *, finite_check: bool = True
+) -> Tensor:
     """Smooth-L0 (Geman-McClure) importance minimality ``sum_c mean_tokens ci^2/(ci^2+gamma^2)``.
 
     Geman & McClure (1987) robust penalty, as in param-decomp PR #852 (no eps).
@@ -120,7 +125,7 @@ def smooth_l0(ci: Tensor, gamma: float, normalize_at_one: bool = False) -> Tenso
     ``1 + gamma^2`` so that ``phi(1) = 1`` for every gamma (param-decomp PR #994).
     """
     g = check_number("gamma", gamma, gt=0.0)
-    x = _check_ci(ci)
+    x = _check_ci(ci, finite_check=finite_check)
     out = component_means(_geman_mcclure(x, g)).sum()
     return out * (1.0 + g * g) if normalize_at_one else out
 
@@ -133,14 +138,19 @@ def _geman_mcclure(x: Tensor, gamma: float) -> Tensor:
 
 
 def smooth_l0_and_frequency(
-    ci: Tensor, gamma: float, reference_token_count: float, normalize_at_one: bool = False
+    ci: Tensor,
+    gamma: float,
+    reference_token_count: float,
+    normalize_at_one: bool = False,
+    *,
+    finite_check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(smooth_l0, sum_c f_c log2(1 + a' f_c))`` with ``f_c`` the global mean of the
     Geman-McClure penalty, from one pass and one reduction (the smooth-L0 analogue of
     :func:`lp_and_frequency`; the frequency term is not rescaled by ``normalize_at_one``)."""
     g = check_number("gamma", gamma, gt=0.0)
     a = check_number("reference_token_count", reference_token_count, gt=0.0)
-    x = _check_ci(ci)
+    x = _check_ci(ci, finite_check=finite_check)
     f = component_means(_geman_mcclure(x, g))
     imp = f.sum() * (1.0 + g * g) if normalize_at_one else f.sum()
     return imp, frequency_term(f, a)
@@ -165,7 +175,12 @@ def frequency_minimality(
 
 
 def lp_and_frequency(
-    ci: Tensor, p: float, reference_token_count: float, eps: float = 1e-12
+    ci: Tensor,
+    p: float,
+    reference_token_count: float,
+    eps: float = 1e-12,
+    *,
+    finite_check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(lp_importance, frequency_minimality)`` from one ``(ci + eps)^p`` pass and one reduction.
 
@@ -174,6 +189,6 @@ def lp_and_frequency(
     """
     a = check_number("reference_token_count", reference_token_count, gt=0.0)
     _check_p_eps(p, eps)
-    x = _check_ci(ci)
+    x = _check_ci(ci, finite_check=finite_check)
     f = component_means((x + eps) ** p)
     return f.sum(), frequency_term(f, a)

@@ -191,10 +191,15 @@ def recon_error(pred: Tensor, target: Tensor, kind: OutputLoss) -> Tensor:
 
 # -- importance minimality, faithfulness -------------------------------------------------------
 def importance_terms(
-    upper: Mapping[str, Tensor], cfg: ImportanceMinimalityConfig, progress: float
+    upper: Mapping[str, Tensor],
+    cfg: ImportanceMinimalityConfig,
+    progress: float,
+    *,
+    finite_check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``(importance minimality, frequency term or None)`` summed over layers (not averaged:
-    adding layers must not change the cost of one component), at training ``progress``."""
+    adding layers must not change the cost of one component), at training ``progress``.
+    ``finite_check=False`` skips the penalties' NaN / inf scan of the CI (a host read)."""
     imp: Tensor | None = None
     freq: Tensor | None = None
     with_freq = cfg.frequency_coeff > 0
@@ -203,15 +208,20 @@ def importance_terms(
         if cfg.kind == "lp":
             p = cfg.p.at(progress)
             if with_freq:
-                i, f = penalties.lp_and_frequency(ci, p, a, cfg.eps)
+                i, f = penalties.lp_and_frequency(ci, p, a, cfg.eps, finite_check=finite_check)
             else:
-                i, f = penalties.lp_importance(ci, p, cfg.eps), None
+                i, f = penalties.lp_importance(ci, p, cfg.eps, finite_check=finite_check), None
         else:
             g = cfg.gamma.at(progress)
             if with_freq:
-                i, f = penalties.smooth_l0_and_frequency(ci, g, a, cfg.normalize_at_one)
+                i, f = penalties.smooth_l0_and_frequency(
+                    ci, g, a, cfg.normalize_at_one, finite_check=finite_check
+                )
             else:
-                i, f = penalties.smooth_l0(ci, g, cfg.normalize_at_one), None
+                i, f = (
+                    penalties.smooth_l0(ci, g, cfg.normalize_at_one, finite_check=finite_check),
+                    None,
+                )
         imp = i if imp is None else imp + i
         if f is not None:
             freq = f if freq is None else freq + f
@@ -338,11 +348,13 @@ def compute_losses(
     *,
     progress: float,
     generator: torch.Generator | None = None,
+    finite_check: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted total loss and each term's (unweighted, detached) value; one batched pass.
 
     ``progress`` (step / steps) drives the ``p`` / ``gamma`` schedules; ``generator`` draws every
-    mask, delta mask, route and PGD start.
+    mask, delta mask, route and PGD start. ``finite_check`` scans the CI for NaN / inf (a host
+    read; the trainer instead checks its accumulated losses when it logs them).
     """
     target, inputs = model.target_output(x, cache_inputs=True)
     acts: dict[str, Tensor] = {}
@@ -393,7 +405,8 @@ def compute_losses(
             terms[term] = value
             total = total + getattr(cfg, term) * value
     imp_cfg = cfg.importance_minimality
-    imp, freq = importance_terms({n: c.upper for n, c in ci.items()}, imp_cfg, progress)
+    upper = {n: c.upper for n, c in ci.items()}
+    imp, freq = importance_terms(upper, imp_cfg, progress, finite_check=finite_check)
     terms["importance_minimality"] = imp
     total = total + imp_cfg.coeff * imp
     if freq is not None:
