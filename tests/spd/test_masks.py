@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from sparselens.spd.masks import delta_mask, stochastic_masks, uniform_k_subset_routes
+from sparselens.spd.masks import delta_mask, stochastic_masks, uniform, uniform_k_subset_routes
 
 F64 = torch.float64
 
@@ -51,6 +51,22 @@ def test_masks_are_g_plus_one_minus_g_times_u() -> None:
     torch.testing.assert_close(m, g + (1 - g) * u, rtol=1e-15, atol=1e-15)
     (grad,) = torch.autograd.grad(m.sum(), g)
     torch.testing.assert_close(grad, (1 - u).sum(0), rtol=1e-14, atol=1e-14)
+
+
+def test_float32_masks_draw_the_fast_noise() -> None:
+    """In float32 on CPU the masks are ``g + (1 - g) u`` with ``u`` from :func:`uniform` (the
+    counter-based kernel where it builds), keyed by the generator: a saved generator state
+    redraws the same masks, as an exact resume needs; delta masks likewise."""
+    g = torch.rand(64, 5, generator=_gen(0))
+    gen = _gen(1)
+    state = gen.get_state()
+    m = stochastic_masks(g, 2, gen)
+    d = delta_mask((64,), gen)
+    gen.set_state(state)
+    u = uniform((2, 64, 5), gen)
+    torch.testing.assert_close(m, g + (1 - g) * u, rtol=0, atol=1e-7)
+    assert torch.equal(d, uniform((64,), gen))
+    assert m.dtype == torch.float32 and (m >= g).all() and (m <= 1).all()
 
 
 def test_mask_mean_and_variance() -> None:

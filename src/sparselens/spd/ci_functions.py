@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sparselens.core.checks import check_choice, check_int
 from sparselens.core.sigmoids import lower_leaky, upper_leaky
-from sparselens.spd import ci_kernels
+from sparselens.spd import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ class CIOutput(NamedTuple):
 
 
 def ci_output(z: Tensor) -> CIOutput:
-    """Both leaky sigmoids of the logits ``z``."""
+    """Both leaky sigmoids of the logits ``z`` (one fused pass on CPU in fp32)."""
+    fused = kernels.leaky_sigmoids(z)
+    if fused is not None:
+        return CIOutput(fused[0], fused[1], z)
     return CIOutput(lower_leaky(z), upper_leaky(z), z)
 
 
@@ -132,7 +135,7 @@ class MLPCI(nn.Module):
         self.C = C
         self.compiled = False
         """A one-hidden-layer MLP runs compiled code: on CPU in fp32 the fused C++ kernels of
-        :mod:`~sparselens.spd.ci_kernels` (built once per machine, a few seconds), elsewhere
+        :mod:`~sparselens.spd.kernels` (built once per machine, a few seconds), elsewhere
         torch.compile for training passes (grad enabled; eval passes stay eager, no recompiles);
         either falls back to the eager fused op if it cannot build."""
         widths = [1, *hidden]
@@ -149,7 +152,7 @@ class MLPCI(nn.Module):
         if len(self.weights) == 1 and acts.numel():
             args = (acts, self.weights[0][:, 0, :], self.biases[0], self.w_out, self.b_out)
             if self.compiled:
-                out = ci_kernels.one_hidden_mlp(*args)
+                out = kernels.one_hidden_mlp(*args)
                 if out is None and torch.is_grad_enabled():
                     out = _Compiled.run(*args)
                 if out is not None:

@@ -40,7 +40,7 @@ from sparselens.core import distributed as D
 from sparselens.core import penalties
 from sparselens.core.schedules import Schedule
 from sparselens.spd.component_model import BaseInput, ComponentModel
-from sparselens.spd.masks import stochastic_masks, uniform_k_subset_routes
+from sparselens.spd.masks import delta_mask, stochastic_masks, uniform, uniform_k_subset_routes
 
 OutputLoss = Literal["mse", "kl"]
 EVAL_KINDS = ("unmasked", "ci", "rounded", "stochastic", "zero", "random")
@@ -371,7 +371,7 @@ def compute_losses(
         masks = {k: stochastic_masks(lower[k], n, generator) for k in layers}
         deltas = None
         if use_delta:
-            deltas = {k: torch.rand((n, *batch), generator=generator, dtype=dtype) for k in layers}
+            deltas = {k: delta_mask((n, *batch), generator, dtype=dtype) for k in layers}
         return masks, deltas
 
     var = _Variants(names, batch, use_delta)
@@ -458,7 +458,7 @@ def pgd_recon(
     for k in names:
         ch = lower[k].shape[-1] + (1 if use_delta_component else 0)
         if cfg.init == "random":
-            a = torch.rand((*shape, ch), generator=generator, dtype=g0.dtype)
+            a = uniform((*shape, ch), generator, dtype=g0.dtype)
         else:
             a = torch.full((*shape, ch), 1.0 if cfg.init == "ones" else 0.0, dtype=g0.dtype)
         sources[k] = a
@@ -534,15 +534,12 @@ def eval_recon(
         elif kind == "zero":
             masks = {k: torch.zeros_like(g) for k, g in lower.items()}
         elif kind == "random":
-            masks = {
-                k: torch.rand(g.shape, generator=generator, dtype=g.dtype) for k, g in lower.items()
-            }
+            masks = {k: uniform(g.shape, generator, dtype=g.dtype) for k, g in lower.items()}
         else:
             masks = {k: stochastic_masks(g, 1, generator)[0] for k, g in lower.items()}
             if use_delta_component:
                 deltas = {
-                    k: torch.rand((1, *batch), generator=generator, dtype=g.dtype)
-                    for k, g in lower.items()
+                    k: delta_mask((1, *batch), generator, dtype=g.dtype) for k, g in lower.items()
                 }
         var.add(kind, 1, {k: m.unsqueeze(0) for k, m in masks.items()}, deltas, {})
     errs = var.run(model, x, target, output_loss)

@@ -8,7 +8,10 @@
   k-subset of the ``L`` layers is replaced (the others keep the target's weights). The subset is
   the first ``k`` entries of a uniformly random permutation (ranks of i.i.d. uniform noise).
 
-All draws take an optional ``torch.Generator`` and never synchronise with the host.
+All draws take an optional ``torch.Generator`` and never synchronise with the host. Their noise
+comes from :func:`uniform`: on CPU in float32 the vectorised counter-based generator of
+:mod:`sparselens.spd.kernels` (keyed by the generator, so seeded runs and resumes reproduce),
+otherwise ``torch.rand``.
 """
 
 from __future__ import annotations
@@ -17,12 +20,29 @@ import torch
 from torch import Tensor
 
 from sparselens.core.checks import check_int
+from sparselens.spd import kernels
+
+
+def uniform(
+    shape: tuple[int, ...] | torch.Size,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``U[0, 1)`` noise of ``shape``: the fused kernel on CPU in float32, else ``torch.rand``."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if dtype == torch.float32 and on_cpu:
+        out = kernels.uniform(shape, generator)
+        if out is not None:
+            return out
+    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=device)
 
 
 def stochastic_masks(ci: Tensor, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
     """``n`` draws of ``g + (1 - g) u``, shape ``(n, *ci.shape)``."""
     n = check_int("n_mask_samples", n, ge=1)
-    u = torch.rand((n, *ci.shape), generator=generator, dtype=ci.dtype, device=ci.device)
+    u = uniform((n, *ci.shape), generator, dtype=ci.dtype, device=ci.device)
     return torch.addcmul(ci, 1.0 - ci, u)
 
 
@@ -34,7 +54,7 @@ def delta_mask(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """The delta component's mask: ``U(0, 1)`` per position, shape ``batch_shape``."""
-    return torch.rand(tuple(batch_shape), generator=generator, dtype=dtype, device=device)
+    return uniform(tuple(batch_shape), generator, dtype=dtype, device=device)
 
 
 def uniform_k_subset_routes(
@@ -49,9 +69,9 @@ def uniform_k_subset_routes(
     L = check_int("n_layers", n_layers, ge=1)
     shape = tuple(batch_shape)
     k = torch.randint(1, L + 1, (*shape, 1), generator=generator, device=device)
-    noise = torch.rand((*shape, L), generator=generator, device=device)
+    noise = uniform((*shape, L), generator, device=device)
     rank = noise.argsort(dim=-1).argsort(dim=-1)  # a uniformly random permutation per position
     return rank < k
 
 
-__all__ = ["delta_mask", "stochastic_masks", "uniform_k_subset_routes"]
+__all__ = ["delta_mask", "stochastic_masks", "uniform", "uniform_k_subset_routes"]

@@ -1,4 +1,4 @@
-"""The fused C++ kernels of the one-hidden-layer ``mlp`` CI function (spd/ci_kernels.py).
+"""The fused C++ kernels of the one-hidden-layer ``mlp`` CI function (spd/kernels.py).
 
 Each kernel is pinned against a float64 computation written out independently (erf GELU, its
 derivative ``Phi + a phi`` by autograd), at sizes that leave partial vectors of positions.
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from sparselens.spd import ci_kernels
+from sparselens.spd import kernels
 from sparselens.spd.ci_functions import MLPCI, _OneHiddenMLP
 
 F64 = torch.float64
@@ -44,7 +44,7 @@ def _check(lead: tuple[int, ...], C: int, H: int, seed: int, scale: float = 1.0)
     w1, b1, w2, b2 = _params(C, H, seed, scale)
     dz = torch.randn((*lead, C), generator=g)
     leaves = [t.clone().requires_grad_(True) for t in (h, w1, b1, w2, b2)]
-    z = ci_kernels.one_hidden_mlp(*leaves)
+    z = kernels.one_hidden_mlp(*leaves)
     assert z is not None, "the kernels did not build"
     assert z.grad_fn is not None and "FusedOneHidden" in type(z.grad_fn).__name__
     grads = torch.autograd.grad(z, leaves, dz)
@@ -95,7 +95,7 @@ def test_kernels_same_with_two_threads() -> None:
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            z = ci_kernels.one_hidden_mlp(h, *params)
+            z = kernels.one_hidden_mlp(h, *params)
             assert z is not None
             out.append((z, *torch.autograd.grad(z, [h, *params], dz)))
     finally:
@@ -129,10 +129,10 @@ def test_kernels_decline_other_dtypes_and_failed_builds(monkeypatch: pytest.Monk
     """float64 inputs and a failed build return None: MLPCI then runs its fallback, same values."""
     C, H = 3, 4
     w = [p.to(F64) for p in _params(C, H, 0)]
-    assert ci_kernels.one_hidden_mlp(torch.randn(5, C, dtype=F64), *w) is None
-    monkeypatch.setattr(ci_kernels._Build, "forward", None)
-    monkeypatch.setattr(ci_kernels._Build, "failed", True)
-    assert ci_kernels.one_hidden_mlp(torch.randn(5, C), *_params(C, H, 0)) is None
+    assert kernels.one_hidden_mlp(torch.randn(5, C, dtype=F64), *w) is None
+    monkeypatch.setattr(kernels._Build, "fns", {})
+    monkeypatch.setattr(kernels._Build, "failed", True)
+    assert kernels.one_hidden_mlp(torch.randn(5, C), *_params(C, H, 0)) is None
     fn = MLPCI(C=C, hidden=[H])
     fn.compiled = True
     acts = torch.randn(5, C)
@@ -152,4 +152,85 @@ def test_kernels_decline_other_dtypes_and_failed_builds(monkeypatch: pytest.Monk
 def test_kernels_reject_bad_shapes(shapes: tuple, match: str) -> None:
     """Wrong parameter shapes raise before any pointer reaches C++."""
     with pytest.raises(ValueError, match=match):
-        ci_kernels.one_hidden_mlp(torch.randn(5, 3), *(torch.randn(s) for s in shapes))
+        kernels.one_hidden_mlp(torch.randn(5, 3), *(torch.randn(s) for s in shapes))
+
+
+# -- leaky hard sigmoids --------------------------------------------------------------------------
+def _logits_with_edges(seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(40, 7, generator=g)
+    z[0] = torch.tensor([0.0, 1.0, -0.0, 2.0, -3.0, 1.0 + 1e-7, 1e-8])  # the clamp bounds exactly
+    return z
+
+
+@pytest.mark.parametrize("which", ["both", "lower only", "upper only"])
+def test_leaky_sigmoids_match_core(which: str) -> None:
+    """Forward bitwise equal to ``core.sigmoids`` and the summed backward equal to autograd
+    through the two core functions, with upstream gradients of both signs, at z exactly 0 and 1.
+
+    Catches exclusive clamp bounds in the upper backward (z = 0 or 1 would get no gradient), the
+    lower leak applied when the gradient would lower z, or the two gradients not summed."""
+    from sparselens.core.sigmoids import lower_leaky, upper_leaky
+
+    z = _logits_with_edges(0)
+    g = torch.Generator().manual_seed(1)
+    gl, gu = torch.randn(z.shape, generator=g), torch.randn(z.shape, generator=g)
+    za = z.clone().requires_grad_(True)
+    out = kernels.leaky_sigmoids(za)
+    assert out is not None
+    zb = z.clone().requires_grad_(True)
+    ref = (lower_leaky(zb), upper_leaky(zb))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    pick = {"both": (0, 1), "lower only": (0,), "upper only": (1,)}[which]
+    loss_a = sum((out[i] * (gl, gu)[i]).sum() for i in pick)
+    loss_b = sum((ref[i] * (gl, gu)[i]).sum() for i in pick)
+    (da,) = torch.autograd.grad(loss_a, za)
+    (db,) = torch.autograd.grad(loss_b, zb)
+    torch.testing.assert_close(da, db, rtol=0, atol=1e-7)
+
+
+# -- uniform noise --------------------------------------------------------------------------------
+def _uniform(n: int, seed: int) -> Tensor:
+    out = kernels.uniform((n,), torch.Generator().manual_seed(seed))
+    assert out is not None
+    return out
+
+
+def test_uniform_is_keyed_by_the_generator() -> None:
+    """Same generator state, same numbers (a resumed run redraws its masks exactly); the next
+    call, or another seed, gives other numbers; an odd count ends with the element an even
+    count would have there (no uninitialised last entry)."""
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    a = kernels.uniform((3, 1001), g)
+    b = kernels.uniform((3, 1001), g)
+    g.set_state(state)
+    again = kernels.uniform((3, 1001), g)
+    assert a is not None and b is not None and again is not None
+    assert a.shape == (3, 1001) and a.dtype == torch.float32
+    assert torch.equal(a, again) and not torch.equal(a, b)
+    assert not torch.equal(_uniform(100, 0), _uniform(100, 1))
+    for n in (1, 7, 101):
+        assert torch.equal(_uniform(n, 9), _uniform(n + 1, 9)[:n])
+
+
+def test_uniform_distribution() -> None:
+    """200,000 draws: in [0, 1) on the 2^-24 grid, Kolmogorov-Smirnov against U(0, 1), every one
+    of the 24 bits set half the time, no correlation between neighbours (which share one 64-bit
+    output) or between draws of neighbouring counters.
+
+    Catches both halves taken from the same bits (neighbour correlation 1), a generator that
+    ignores the counter, or a lost bit."""
+    from scipy import stats
+
+    u = _uniform(200_001, 11).double()
+    assert 0.0 <= u.min() and u.max() < 1.0
+    ints = (u * 2**24).round()
+    assert torch.equal(ints, u * 2**24)
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    n = u.numel()
+    bits = ((ints.long().unsqueeze(1) >> torch.arange(24)) & 1).double().mean(0)
+    assert (bits - 0.5).abs().max() < 5 * 0.5 / math.sqrt(n)
+    for lag in (1, 2, 3):
+        r = torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1]
+        assert abs(r) < 5 / math.sqrt(n), (lag, float(r))

@@ -1,5 +1,6 @@
-"""Fused CPU kernels of the one-hidden-layer ``mlp`` CI function (fp32, C++, vectorised).
+"""Fused CPU kernels of an SPD training step (fp32, C++, vectorised), each with a fallback.
 
+**The one-hidden-layer ``mlp`` CI function** (:func:`one_hidden_mlp`).
 ``z[n, c] = sum_j w2[c, j] gelu(h[n, c] w1[c, j] + b1[c, j]) + b2[c]`` (sheet §2: C independent
 MLPs ``1 -> H -> 1`` with the erf GELU) and its backward, each ONE pass over the ``N x C x H``
 hidden values that nothing stores:
@@ -14,11 +15,20 @@ Stegun 7.1.26 (absolute error < 1.5e-7), the form of ATen's own vectorised ``erf
 ``exp(-x^2)`` at ``x = a / sqrt 2`` is ``phi``'s. Vectors run over 16 (AVX-512) or 8 (AVX2)
 positions of one component, so no horizontal sums are needed per position; the sums over
 positions are flushed into doubles every 4,096 positions. Threads split the components.
-
 Autograd on the broadcast form, or ``torch.compile`` of it, makes several passes over a stored
 ``(C, N, H)`` tensor and evaluates the exponential up to three times per hidden value; here a
 TMS 5-2 CI function (N 4,096, C 20, H 16) runs forward + backward ~3x faster than the inductor
-kernels (``benchmarks/spd_step.py`` measures the whole step).
+kernels.
+
+**The leaky hard sigmoids** (:func:`leaky_sigmoids`): ``lower`` and ``upper`` of
+:mod:`sparselens.core.sigmoids` from one pass over the logits, and their summed backward in one
+pass, instead of ~7 elementwise ops forward and ~10 backward.
+
+**Uniform noise** (:func:`uniform`): SplitMix64 (Steele, Lea & Flood 2014) of a counter, keyed by
+one 64-bit draw from the caller's ``torch.Generator`` -- so a seeded run, and its resume from a
+saved generator state, is reproducible -- giving two 24-bit uniforms in [0, 1) per output.
+Counter-based, so it vectorises: torch's CPU ``uniform_`` runs mt19937 serially (~10 ns per
+number here), a third of the mask cost of a TMS step.
 
 The C++ is built once per machine through torch inductor's C++ code cache (the compiler, flags
 and vector ISA torch.compile uses; cached on disk). Anything that cannot use it -- another
@@ -28,11 +38,13 @@ device or dtype, or a failed build (logged once) -- returns None and the caller 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from sparselens.core.sigmoids import LEAK
 
 logger = logging.getLogger(__name__)
 
@@ -146,30 +158,94 @@ extern "C" void kernel(const float* h, const float* w1, const float* b1, const f
 """
 
 
-class _Build:
-    """The two compiled kernels, built on first use; ``failed`` after a build error."""
+_LEAKY_FORWARD = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+// lower = clamp(z, 0, 1); upper = z > 1 ? 1 + leak (z - 1) : clamp(z, 0, 1)
+extern "C" void kernel(const float* z, float* lower, float* upper, int64_t n, float leak) {
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = z[i];
+    const float c = v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
+    lower[i] = c;
+    upper[i] = v > 1.f ? 1.f + leak * (v - 1.f) : c;
+  }
+}
+"""
 
-    forward: Any = None
-    backward: Any = None
+_LEAKY_BACKWARD = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+// d lower: g inside (0, 1]; leak g where z <= 0 and g < 0 (it would raise z); else 0.
+// d upper: leak g above 1; g on [0, 1] (clamp's inclusive bounds); 0 below 0.
+extern "C" void kernel(const float* z, const float* gl, const float* gu, float* dz, int64_t n,
+                       float leak) {
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = z[i], a = gl[i], b = gu[i];
+    const float dl = (v > 0.f && v <= 1.f) ? a : ((v <= 0.f && a < 0.f) ? leak * a : 0.f);
+    const float du = v > 1.f ? leak * b : (v >= 0.f ? b : 0.f);
+    dz[i] = dl + du;
+  }
+}
+"""
+
+_UNIFORM = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cstdint>
+// out[2i], out[2i+1]: the top and the next 24 bits of splitmix64(key + (i + 1) * golden) / 2^24
+extern "C" void kernel(const int64_t* key, float* out, int64_t n) {
+  const uint64_t k = static_cast<uint64_t>(key[0]);
+  const float scale = 1.0f / 16777216.0f;
+  const int64_t pairs = n / 2;
+  #pragma omp simd
+  for (int64_t i = 0; i < pairs; ++i) {
+    uint64_t z = k + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    out[2 * i] = static_cast<float>(z >> 40) * scale;
+    out[2 * i + 1] = static_cast<float>((z >> 8) & 0xFFFFFFull) * scale;
+  }
+  if (n % 2) {
+    uint64_t z = k + static_cast<uint64_t>(pairs + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    out[n - 1] = static_cast<float>(z >> 40) * scale;
+  }
+}
+"""
+
+_F, _OUT, _I64 = "const float*", "float*", "int64_t"
+_SOURCES: dict[str, tuple[list[str], str]] = {
+    "mlp_forward": ([_F] * 5 + [_OUT] + [_I64] * 4, _COMMON + _FORWARD),
+    "mlp_backward": ([_F] * 5 + [_OUT] * 4 + [_I64] * 4, _COMMON + _BACKWARD),
+    "leaky_forward": ([_F, _OUT, _OUT, _I64, "float"], _LEAKY_FORWARD),
+    "leaky_backward": ([_F, _F, _F, _OUT, _I64, "float"], _LEAKY_BACKWARD),
+    "uniform": (["const int64_t*", _OUT, _I64], _UNIFORM),
+}
+
+
+class _Build:
+    """The compiled kernels by name, all built on first use; ``failed`` after a build error."""
+
+    fns: ClassVar[dict[str, Any]] = {}
     failed = False
 
     @classmethod
     def get(cls) -> bool:
-        if cls.forward is not None:
+        if cls.fns:
             return True
         if cls.failed:
             return False
         try:
             from torch._inductor.codecache import CppPythonBindingsCodeCache as cache
 
-            ptr, i64 = "const float*", "int64_t"
-            fwd = cache.load_pybinding([ptr] * 5 + ["float*"] + [i64] * 4, _COMMON + _FORWARD)
-            bwd = cache.load_pybinding([ptr] * 5 + ["float*"] * 4 + [i64] * 4, _COMMON + _BACKWARD)
+            fns = {k: cache.load_pybinding(a, src) for k, (a, src) in _SOURCES.items()}
         except Exception as e:  # no compiler, unsupported platform: fall back, never fail a run
             cls.failed = True
-            logger.warning("building the fused CI kernels failed (%s); using the fallback", e)
+            logger.warning("building the fused SPD kernels failed (%s); using the fallback", e)
             return False
-        cls.forward, cls.backward = fwd, bwd
+        cls.fns = fns
         return True
 
 
@@ -188,7 +264,7 @@ class _FusedOneHidden(torch.autograd.Function):
         H = w1.shape[1]
         z = torch.empty_like(hf)
         threads = torch.get_num_threads()
-        _Build.forward(hf, w1, b1, w2, b2.contiguous(), z, hf.shape[0], C, H, threads)
+        _Build.fns["mlp_forward"](hf, w1, b1, w2, b2.contiguous(), z, hf.shape[0], C, H, threads)
         ctx.save_for_backward(hf, w1, b1, w2)
         ctx.lead = lead
         return z.reshape(*lead, C)
@@ -203,7 +279,7 @@ class _FusedOneHidden(torch.autograd.Function):
         dh = torch.empty_like(hf)
         dw1, db1, dw2 = torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2)
         threads = torch.get_num_threads()
-        _Build.backward(hf, w1, b1, w2, dzf, dh, dw1, db1, dw2, N, C, H, threads)
+        _Build.fns["mlp_backward"](hf, w1, b1, w2, dzf, dh, dw1, db1, dw2, N, C, H, threads)
         return dh.reshape(*ctx.lead, C), dw1, db1, dw2, dzf.sum(0)
 
 
@@ -223,4 +299,49 @@ def one_hidden_mlp(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) ->
     return _FusedOneHidden.apply(h, w1, b1, w2, b2)
 
 
-__all__ = ["one_hidden_mlp", "usable"]
+class _LeakySigmoids(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> tuple[Tensor, Tensor]:
+        zc = z.contiguous()
+        lower, upper = torch.empty_like(zc), torch.empty_like(zc)
+        _Build.fns["leaky_forward"](zc, lower, upper, zc.numel(), LEAK)
+        ctx.save_for_backward(zc)
+        return lower, upper
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_lower: Tensor | None, g_upper: Tensor | None) -> Tensor:
+        (zc,) = ctx.saved_tensors
+        gl = torch.zeros_like(zc) if g_lower is None else g_lower.contiguous()
+        gu = torch.zeros_like(zc) if g_upper is None else g_upper.contiguous()
+        dz = torch.empty_like(zc)
+        _Build.fns["leaky_backward"](zc, gl, gu, dz, zc.numel(), LEAK)
+        return dz
+
+
+def leaky_sigmoids(z: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(lower_leaky(z), upper_leaky(z))`` (:mod:`sparselens.core.sigmoids`) by one fused pass
+    forward and one backward; None where the kernels do not apply."""
+    if z.numel() == 0 or not usable(z):
+        return None
+    return _LeakySigmoids.apply(z)
+
+
+def uniform(
+    shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None
+) -> Tensor | None:
+    """``U[0, 1)`` float32 noise of ``shape`` on CPU (24-bit resolution, like ``torch.rand``),
+    keyed by one int64 drawn from ``generator`` (the default generator if None); None where the
+    kernels do not apply (then the caller draws with ``torch.rand``)."""
+    if generator is not None and generator.device.type != "cpu":
+        return None
+    if not _Build.get():
+        return None
+    key = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator)
+    out = torch.empty(tuple(shape), dtype=torch.float32)
+    if out.numel():
+        _Build.fns["uniform"](key, out, out.numel())
+    return out
+
+
+__all__ = ["leaky_sigmoids", "one_hidden_mlp", "uniform", "usable"]
