@@ -19,7 +19,8 @@ The sheet's measured numbers for the real reference code on a 2-core CPU, 55–7
 
 ``--target resid_mlp1`` times the ResidMLP-1L step instead (the bundled config: batch 2048, C = 100
 per matrix, ``mlp`` CI [16], stochastic 1 + layerwise 1 + L_p p = 2, coeff 1e-5; the sheet's
-reference: 416 ms with 1 thread, 242 ms with 2; no recovery run).
+reference: 416 ms with 1 thread, 242 ms with 2; no recovery run); ``--target tms_40-10`` the
+TMS 40-10 step (batch 4096, C = 200, L_p p = 2, coeff 1e-4; the sheet: 1237 / 596 ms).
 
 Each (implementation, threads) measurement runs in a fresh subprocess (``--worker``); runs
 alternate reference, sparselens, ... for ``--rounds`` rounds; the table reports the median step
@@ -55,6 +56,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "tms_5-2": {
         "batch": 4096, "C": 20, "hidden": 16, "imp_coeff": 3e-3, "p": 1.0,
         "layers": ["linear1", "linear2"], "sheet_ms": {"1": 61.0, "2": 56.0},
+    },
+    "tms_40-10": {
+        "batch": 4096, "C": 200, "hidden": 16, "imp_coeff": 1e-4, "p": 2.0,
+        "layers": ["linear1", "linear2"], "sheet_ms": {"1": 1237.0, "2": 596.0},
     },
     "resid_mlp1": {
         "batch": 2048, "C": 100, "hidden": 16, "imp_coeff": 1e-5, "p": 2.0,
@@ -260,13 +265,13 @@ def _reference_setup(seed: int, target: str) -> Any:
     task = load_task(target)
     cls = _reference_classes()
     torch.manual_seed(seed)
-    if target == "tms_5-2":
+    if target.startswith("tms"):
         tgt = task.target
         module = cls["TMSTarget"](tgt.linear1.weight.detach(), tgt.linear2.bias.detach())
     else:
         module = task.target  # frozen ResidMLP, plain nn.Linear layers
     model = cls["RefComponentModel"](module, w["layers"], w["C"], w["hidden"])
-    if target == "tms_5-2":  # the reference's tie: linear2's U/V .data become views of linear1's
+    if target.startswith("tms"):  # the tie: linear2's U/V .data become views of linear1's
         c1, c2 = model.components["linear1"], model.components["linear2"]
         c2.V.data = c1.U.data.T
         c2.U.data = c1.V.data.T

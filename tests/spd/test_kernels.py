@@ -189,6 +189,19 @@ def test_leaky_sigmoids_match_core(which: str) -> None:
     torch.testing.assert_close(da, db, rtol=0, atol=1e-7)
 
 
+def test_leaky_sigmoids_keep_nan() -> None:
+    """A NaN logit stays NaN in both outputs, as in ``core.sigmoids`` (so a broken CI function
+    shows up in the logged losses instead of being clamped into a valid-looking 0 or 1)."""
+    from sparselens.core.sigmoids import lower_leaky, upper_leaky
+
+    z = torch.tensor([[0.5, math.nan, 2.0, -1.0] * 5])
+    out = kernels.leaky_sigmoids(z)
+    assert out is not None
+    for got, want in zip(out, (lower_leaky(z), upper_leaky(z)), strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    assert out[0][0, 1].isnan() and out[1][0, 1].isnan()
+
+
 # -- uniform noise --------------------------------------------------------------------------------
 def _uniform(n: int, seed: int) -> Tensor:
     out = kernels.uniform((n,), torch.Generator().manual_seed(seed))
@@ -216,11 +229,11 @@ def test_uniform_is_keyed_by_the_generator() -> None:
 
 def test_uniform_distribution() -> None:
     """200,000 draws: in [0, 1) on the 2^-24 grid, Kolmogorov-Smirnov against U(0, 1), every one
-    of the 24 bits set half the time, no correlation between neighbours (which share one 64-bit
-    output) or between draws of neighbouring counters.
+    of the 24 bits set half the time, no correlation between draws of neighbouring counters or
+    between the two halves of one 64-bit output, and no more repeated values than chance gives.
 
-    Catches both halves taken from the same bits (neighbour correlation 1), a generator that
-    ignores the counter, or a lost bit."""
+    Catches both halves of a 64-bit output taken from the same bits (correlation 1 at their
+    distance, every value repeated), a generator that ignores the counter, or a lost bit."""
     from scipy import stats
 
     u = _uniform(200_001, 11).double()
@@ -231,6 +244,10 @@ def test_uniform_distribution() -> None:
     n = u.numel()
     bits = ((ints.long().unsqueeze(1) >> torch.arange(24)) & 1).double().mean(0)
     assert (bits - 0.5).abs().max() < 5 * 0.5 / math.sqrt(n)
-    for lag in (1, 2, 3):
+    half = (n + 1) // 2  # the two halves of one 64-bit output sit this far apart
+    for lag in (1, 2, 3, half):
         r = torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1]
-        assert abs(r) < 5 / math.sqrt(n), (lag, float(r))
+        assert abs(r) < 5 / math.sqrt(n - lag), (lag, float(r))
+    # birthday bound: about n^2 / 2^25 ~ 1,200 repeated values among n draws on a 2^24 grid
+    repeats = n - torch.unique(ints).numel()
+    assert repeats < 2 * n * n / 2**25, repeats

@@ -160,30 +160,37 @@ extern "C" void kernel(const float* h, const float* w1, const float* b1, const f
 
 _LEAKY_FORWARD = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
-// lower = clamp(z, 0, 1); upper = z > 1 ? 1 + leak (z - 1) : clamp(z, 0, 1)
+#include <algorithm>
+using Vec = at::vec::Vectorized<float>;
+// lower = clamp(z, 0, 1); upper = z > 1 ? 1 + leak (z - 1) : clamp(z, 0, 1); NaN stays NaN
 extern "C" void kernel(const float* z, float* lower, float* upper, int64_t n, float leak) {
-  #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = z[i];
-    const float c = v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
-    lower[i] = c;
-    upper[i] = v > 1.f ? 1.f + leak * (v - 1.f) : c;
+  const Vec zero(0.f), one(1.f), lk(leak);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec v = Vec::loadu(z + i, cnt);
+    const Vec c = at::vec::clamp(v, zero, one);
+    c.store(lower + i, cnt);
+    Vec::blendv(c, one + lk * (v - one), v > one).store(upper + i, cnt);
   }
 }
 """
 
 _LEAKY_BACKWARD = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <algorithm>
+using Vec = at::vec::Vectorized<float>;
 // d lower: g inside (0, 1]; leak g where z <= 0 and g < 0 (it would raise z); else 0.
 // d upper: leak g above 1; g on [0, 1] (clamp's inclusive bounds); 0 below 0.
 extern "C" void kernel(const float* z, const float* gl, const float* gu, float* dz, int64_t n,
                        float leak) {
-  #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = z[i], a = gl[i], b = gu[i];
-    const float dl = (v > 0.f && v <= 1.f) ? a : ((v <= 0.f && a < 0.f) ? leak * a : 0.f);
-    const float du = v > 1.f ? leak * b : (v >= 0.f ? b : 0.f);
-    dz[i] = dl + du;
+  const Vec zero(0.f), one(1.f), lk(leak);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec v = Vec::loadu(z + i, cnt), a = Vec::loadu(gl + i, cnt), b = Vec::loadu(gu + i, cnt);
+    const Vec dl = Vec::blendv(Vec::blendv(zero, lk * a, (v <= zero) & (a < zero)), a,
+                               (v > zero) & (v <= one));
+    const Vec du = Vec::blendv(Vec::blendv(zero, b, v >= zero), lk * b, v > one);
+    (dl + du).store(dz + i, cnt);
   }
 }
 """
@@ -191,26 +198,31 @@ extern "C" void kernel(const float* z, const float* gl, const float* gu, float* 
 _UNIFORM = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cstdint>
-// out[2i], out[2i+1]: the top and the next 24 bits of splitmix64(key + (i + 1) * golden) / 2^24
-extern "C" void kernel(const int64_t* key, float* out, int64_t n) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("tree-loop-vectorize")  // inductor's flags turn GCC's loop vectoriser off
+#endif
+// w_i = splitmix64(key + (i + 1) * golden), i < m = ceil(n / 2): out[i] = top 24 bits of w_i,
+// out[m + i] = the next 24 bits (bits 8..31) of w_i; each / 2^24. Counts n and n + 1 share
+// their first n values.
+static inline uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+extern "C" void kernel(const int64_t* key, float* __restrict__ out, int64_t n) {
   const uint64_t k = static_cast<uint64_t>(key[0]);
   const float scale = 1.0f / 16777216.0f;
-  const int64_t pairs = n / 2;
-  #pragma omp simd
-  for (int64_t i = 0; i < pairs; ++i) {
-    uint64_t z = k + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    out[2 * i] = static_cast<float>(z >> 40) * scale;
-    out[2 * i + 1] = static_cast<float>((z >> 8) & 0xFFFFFFull) * scale;
+  const int64_t m = (n + 1) / 2, rest = n - m;
+  float* __restrict__ hi = out;
+  float* __restrict__ lo = out + m;
+  for (int64_t i = 0; i < rest; ++i) {
+    const uint64_t w = mix(k + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull);
+    hi[i] = static_cast<float>(static_cast<int32_t>(w >> 40)) * scale;
+    lo[i] = static_cast<float>(static_cast<int32_t>((w >> 8) & 0xFFFFFFull)) * scale;
   }
-  if (n % 2) {
-    uint64_t z = k + static_cast<uint64_t>(pairs + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    out[n - 1] = static_cast<float>(z >> 40) * scale;
+  if (m > rest) {
+    const uint64_t w = mix(k + static_cast<uint64_t>(m) * 0x9E3779B97F4A7C15ull);
+    hi[m - 1] = static_cast<float>(static_cast<int32_t>(w >> 40)) * scale;
   }
 }
 """
