@@ -124,8 +124,8 @@ class SPDRunConfig(BaseModel):
     progress: bool = Field(True, description="show a progress bar (only on a terminal)")
     compile_ci: bool = Field(
         False,
-        description="torch.compile the one-hidden-layer mlp CI functions for training "
-        "(~2x faster CI on CPU after a few seconds of compiling; falls back to eager)",
+        description="run one-hidden-layer mlp CI functions compiled: the fused C++ kernels on "
+        "CPU in fp32 (built once per machine), torch.compile elsewhere; falls back to eager",
     )
 
     @field_validator("lr", mode="before")
