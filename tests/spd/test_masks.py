@@ -69,6 +69,16 @@ def test_float32_masks_draw_the_fast_noise() -> None:
     assert m.dtype == torch.float32 and (m >= g).all() and (m <= 1).all()
 
 
+def test_noise_follows_the_default_device() -> None:
+    """With another default device (here meta) the masks are drawn there by torch, never by the
+    CPU kernel (which would read a non-host pointer: a crash)."""
+    with torch.device("meta"):
+        d = delta_mask((10,))
+        r = uniform((3, 4))
+        routes = uniform_k_subset_routes((6,), 3)
+    assert d.device.type == "meta" and r.device.type == "meta" and routes.device.type == "meta"
+
+
 def test_mask_mean_and_variance() -> None:
     """``E[m] = (1 + g)/2`` and ``Var[m] = (1 - g)^2 / 12`` (m ~ U(g, 1)).
 

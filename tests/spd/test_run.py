@@ -251,6 +251,42 @@ def test_non_finite_losses_raise_when_logged(tms_task, monkeypatch):
         t.pop_log()
 
 
+def test_no_checkpoint_holds_non_finite_weights(tmp_path, monkeypatch):
+    """With checkpoints more frequent than logs, a NaN from step 2 on still stops the run before
+    any checkpoint after it is written (the trainer checks its accumulated losses first)."""
+    from sparselens.spd import run as run_mod
+
+    calls = {"n": 0}
+    real_batch = trainer_mod.SPDTrainer.batch
+
+    def batch(self):
+        x = real_batch(self)
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            x[0, 0] = float("nan")
+        return x
+
+    monkeypatch.setattr(trainer_mod.SPDTrainer, "batch", batch)
+    saved = []
+    out = tmp_path / "run"
+    cfg = tiny(log_every=100, eval_every=100, checkpoint_every=1)
+    with pytest.raises(ValueError, match="became NaN or inf by step 2"):
+        run_mod.run_spd(cfg, out, on_checkpoint=saved.append)
+    assert saved == [1]
+
+
+def test_resumed_trainer_keeps_fused_adam(tms_task):
+    """Loading an optimiser state saved without the fused flag (older checkpoints) keeps the fused
+    kernel (``load_state_dict`` would otherwise restore the saved group's flag)."""
+    t = SPDTrainer(tiny(), tms_task)
+    t.train_step()
+    state = t.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    t.load_state_dict(state)
+    assert all(g["fused"] for g in t.opt.param_groups)
+
+
 def test_log_is_the_mean_over_the_interval(tms_task, monkeypatch):
     """pop_log returns the mean of each term over the steps since the last call (not the last
     value, not the sum)."""

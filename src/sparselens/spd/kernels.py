@@ -201,9 +201,8 @@ _UNIFORM = r"""
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("tree-loop-vectorize")  // inductor's flags turn GCC's loop vectoriser off
 #endif
-// w_i = splitmix64(key + (i + 1) * golden), i < m = ceil(n / 2): out[i] = top 24 bits of w_i,
-// out[m + i] = the next 24 bits (bits 8..31) of w_i; each / 2^24. Counts n and n + 1 share
-// their first n values.
+// w_i = splitmix64(key + (i + 1) * golden), i < m = ceil(n / 2): out[i] = bits 40..63 of w_i,
+// out[m + i] = bits 8..31 of w_i; each / 2^24. An odd count n shares its n values with n + 1.
 static inline uint64_t mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -333,7 +332,8 @@ class _LeakySigmoids(torch.autograd.Function):
 
 def leaky_sigmoids(z: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(lower_leaky(z), upper_leaky(z))`` (:mod:`sparselens.core.sigmoids`) by one fused pass
-    forward and one backward; None where the kernels do not apply."""
+    forward and one backward (once differentiable: no double backward); None where the kernels
+    do not apply."""
     if z.numel() == 0 or not usable(z):
         return None
     return _LeakySigmoids.apply(z)
@@ -349,8 +349,11 @@ def uniform(
         return None
     if not _Build.get():
         return None
-    key = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator)
-    out = torch.empty(tuple(shape), dtype=torch.float32)
+    cpu = torch.device("cpu")  # never the default device: the kernel reads host memory
+    key = torch.randint(
+        -(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator, device=cpu
+    )
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=cpu)
     if out.numel():
         _Build.fns["uniform"](key, out, out.numel())
     return out

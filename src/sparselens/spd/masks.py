@@ -11,7 +11,8 @@
 All draws take an optional ``torch.Generator`` and never synchronise with the host. Their noise
 comes from :func:`uniform`: on CPU in float32 the vectorised counter-based generator of
 :mod:`sparselens.spd.kernels` (keyed by the generator, so seeded runs and resumes reproduce),
-otherwise ``torch.rand``.
+otherwise ``torch.rand``. The two streams differ: the same seed draws other masks on a machine
+where the kernels cannot be built (no C++ compiler; a warning says so).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def uniform(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """``U[0, 1)`` noise of ``shape``: the fused kernel on CPU in float32, else ``torch.rand``."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
+    dev = torch.get_default_device() if device is None else torch.device(device)
+    on_cpu = dev.type == "cpu"
     if dtype == torch.float32 and on_cpu:
         out = kernels.uniform(shape, generator)
         if out is not None:

@@ -215,6 +215,7 @@ def _train(
             bar.update(1)
             if s % config.checkpoint_every == 0 or s == config.steps:
                 train_s += time.perf_counter() - t0
+                trainer.check_finite()  # never checkpoint NaN weights (a collective under DDP)
                 state = trainer.state_dict()  # a collective under DDP
                 if main:
                     wall = prev_wall_s + time.perf_counter() - t_start

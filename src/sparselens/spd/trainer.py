@@ -160,20 +160,14 @@ class SPDTrainer:
             self._acc[k] = self._acc[k] + v if k in self._acc else v.clone()
         self._acc_n += 1
 
-    def pop_log(self) -> dict[str, float]:
-        """Mean of each loss term since the last call (averaged over ranks); one host sync.
-
-        Raises if a term is NaN or inf: a non-finite CI or activation in any step since the last
-        call makes its mean non-finite (the steps themselves do not read tensors on the host).
-        """
-        if not self._acc_n:
-            return {}
+    def _means(self) -> dict[str, float]:
+        """Mean of each accumulated term, averaged over ranks (one host read); raises if one is
+        NaN or inf (every rank together: the values are all-reduced first)."""
         keys = sorted(self._acc)
         vals = torch.stack([self._acc[k].to(torch.float64) for k in keys]) / self._acc_n
         if self.world > 1:
             dist.all_reduce(vals, op=dist.ReduceOp.SUM)
             vals /= self.world
-        self._acc, self._acc_n = {}, 0
         out = dict(zip(keys, vals.tolist(), strict=True))
         bad = [k for k, v in out.items() if not math.isfinite(v)]
         if bad:
@@ -182,6 +176,24 @@ class SPDTrainer:
                 "CI or activation: check the target and its data, or lower lr)"
             )
         return out
+
+    def pop_log(self) -> dict[str, float]:
+        """Mean of each loss term since the last call (averaged over ranks); one host sync.
+
+        Raises if a term is NaN or inf: a non-finite CI or activation in any step since the last
+        call makes its mean non-finite (the steps themselves do not read tensors on the host).
+        """
+        if not self._acc_n:
+            return {}
+        out = self._means()
+        self._acc, self._acc_n = {}, 0
+        return out
+
+    def check_finite(self) -> None:
+        """Raise if a loss accumulated since the last log is NaN or inf (one host read; a
+        collective under DDP). Run before writing a checkpoint, so none holds broken weights."""
+        if self._acc_n:
+            self._means()
 
     # -- state ------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, Tensor]:
@@ -232,6 +244,8 @@ class SPDTrainer:
             )
         self.load_trainable_state(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # the saved groups' flags replace the current ones
+            group["fused"] = _fused_adam(self.params)
         torch.set_rng_state(state["rng"]["torch"])
         self.data_gen.set_state(state["rng"]["data"])
         self.mask_gen.set_state(masks[self.rank])
