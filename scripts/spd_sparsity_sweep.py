@@ -262,6 +262,14 @@ def markdown_table(records: list[dict[str, Any]], lm: bool, metrics: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+def _tick_125(value: float, _pos: object = None) -> str:
+    """A log-axis minor tick's label: the number at 2 and 5 x 10^k, else nothing."""
+    if value <= 0:
+        return ""
+    lead = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def plot_pareto(
     records: list[dict[str, Any]],
     metrics: Sequence[tuple[str, str]],
@@ -274,6 +282,7 @@ def plot_pareto(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.8), squeeze=False)
     positive = [r[m] for r in records for m, _ in metrics if r[m] > 0]
@@ -319,6 +328,9 @@ def plot_pareto(
         ax.set_yscale("log")
         if log_x:
             ax.set_xscale("log")
+            # plain numbers at 1, 2 and 5 x 10^k (matplotlib's default minor labels overlap)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(_tick_125))
         ax.set_xlabel("CI-L0 at 0.1 (sum over layers)" + (", log" if log_x else ""))
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.25)
