@@ -377,6 +377,46 @@ def test_resid_target_is_trained_once_and_cached(tmp_path, monkeypatch):
     assert [d.pattern for d in a.decomposition()] == ["layers.0.mlp_in", "layers.0.mlp_out"]
 
 
+def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypatch):
+    """A ResidMLP run keeps a copy of its on-demand target; resume and load_run read it back.
+
+    Catches the copy being written after the component model took the target over (its state
+    then holds ``*.original.weight`` keys that no target config fits, so resume and load_run
+    of every ResidMLP run failed).
+    """
+    from sparselens.spd.targets import resid_mlp
+
+    monkeypatch.setenv("SPARSELENS_CACHE", str(tmp_path / "cache"))
+    real = resid_mlp.train_resid_mlp
+    monkeypatch.setattr(
+        resid_mlp, "train_resid_mlp", lambda cfg, *, seed=0, **kw: real(cfg, seed=seed, steps=2)
+    )
+    cfg = tiny(
+        target="resid_mlp1",
+        decomposition=[
+            {"pattern": "layers.0.mlp_in", "C": 4},
+            {"pattern": "layers.0.mlp_out", "C": 4},
+        ],
+        steps=4,
+        batch_size=16,
+        final_eval_samples=32,
+    )
+    out = tmp_path / "run"
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_spd(cfg, out, on_checkpoint=stop)
+    state = load_safetensors(out / "target" / "model.safetensors")
+    assert not [k for k in state if ".original." in k]
+    run_spd(cfg, out, resume=True)
+    model, _, task = load_run(out)
+    x = task.sample(8, torch.Generator().manual_seed(0))
+    assert model.target_output(x)[0].shape == (8, 100)
+
+
 def test_minigpt_task_windows(monkeypatch):
     task = load_task("minigpt")
     x = task.sample(3, torch.Generator().manual_seed(0))

@@ -24,6 +24,7 @@ machine). Under ``torch.distributed`` rank 0 writes the directory; every rank ru
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from sparselens.spd.component_model import ComponentModel
 from sparselens.spd.config import SPDRunConfig
 from sparselens.spd.evaluate import cheap_eval, final_eval
 from sparselens.spd.report import report_markdown, write_plots
+from sparselens.spd.targets.io import Target, save_target
 from sparselens.spd.tasks import Task, load_task
 from sparselens.spd.trainer import SPDTrainer
 from sparselens.train.atomic import (
@@ -106,12 +108,15 @@ def run_spd(
     run: RunDir | None = None
     try:
         task = _load_task_once(config, run_path if resume else None)
+        # the copy is taken before the component model takes the target's layers over
+        target_copy = _target_copy(task) if main and not resume else None
         trainer = SPDTrainer(config, task)
         if main:
             run = RunDir(run_path, resume=resume)
             if not resume:
                 run.write_config(config)
-                _save_target_copy(task, run_path)
+                if target_copy is not None:
+                    save_target(target_copy, run_path / TARGET_DIR)
             run.start(
                 kind="spd-run",
                 seed=config.seed,
@@ -140,13 +145,9 @@ def run_spd(
     return summary
 
 
-def _save_target_copy(task: Task, run_path: Path) -> None:
-    """Keep a copy of an on-demand (ResidMLP) target in the run directory."""
-    if task.kind != "resid_mlp":
-        return
-    from sparselens.spd.targets.io import save_target
-
-    save_target(task.target, run_path / TARGET_DIR)
+def _target_copy(task: Task) -> Target | None:
+    """A copy of an on-demand (ResidMLP) target, to keep in the run directory; None otherwise."""
+    return copy.deepcopy(task.target) if task.kind == "resid_mlp" else None
 
 
 def _train(
