@@ -10,6 +10,7 @@ sorting by mass, CI-L0 with ``>=`` or summed over positions.
 from __future__ import annotations
 
 import itertools
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -350,3 +351,72 @@ def test_one_hot_ci_on_a_tms_component_model_uses_each_modules_own_input():
         assert out[name].shape == (5, 7)
         torch.testing.assert_close(out[name], ref[name].lower)
         assert out[name].min() >= 0 and out[name].max() <= 1
+
+
+# -- unit alignment and unit-gated CI -------------------------------------------------------------
+
+
+def test_unit_alignment_hand_case_uses_squared_entries():
+    """Shares are ``max_i V_ic^2 / sum_i V_ic^2``. Catches shares of |V| (0.6/1.4 = 0.43 for the
+    third column, not 0.36) and the argmax taken over the wrong axis."""
+    V = torch.tensor([[1.0, 0.0, 0.6], [0.0, -2.0, 0.8]])
+    share, unit = M.unit_alignment(V)
+    torch.testing.assert_close(share, torch.tensor([1.0, 1.0, 0.64]))
+    assert unit.tolist() == [0, 1, 1]
+    share0, _ = M.unit_alignment(torch.zeros(3, 2))
+    assert share0.tolist() == [0.0, 0.0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 10_000))
+def test_unit_alignment_ignores_unit_order_and_column_scale(d_in, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(d_in, C, generator=g)
+    perm = torch.randperm(d_in, generator=g)
+    scale = torch.rand(C, generator=g) * 10 + 0.1
+    s, u = M.unit_alignment(V)
+    s2, u2 = M.unit_alignment(V[perm] * scale)
+    torch.testing.assert_close(s2, s)
+    assert torch.equal(perm[u2], u)
+    assert bool(((s > 1 / d_in - 1e-6) & (s <= 1 + 1e-6)).all())
+
+
+def test_unit_gated_ci_hand_case():
+    """Three positions, two ReLU units, three subcomponents (two read one unit each, the third a
+    mix). Counts pairs (position, aligned subcomponent) by whether the subcomponent's unit fires.
+    Catches 'fires' read from the subcomponent's own act (x V_c) instead of its unit, and the
+    unaligned subcomponent counted."""
+    V = torch.tensor([[2.0, 0.0, 0.6], [0.0, -1.0, 0.8]])  # c1 reads unit 1 with a minus sign
+    acts = torch.tensor([[0.5, 0.0], [0.0, 0.3], [0.2, 0.4]])
+    ci = torch.tensor([[0.9, 0.5, 1.0], [0.05, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    r = M.unit_gated_ci(ci, acts, V)
+    # firing pairs: (0, c0) on, (1, c1) off, (2, c0) off, (2, c1) on -> 2 / 4
+    # silent pairs: (0, c1) on, (1, c0) off -> 1 / 2
+    # firing activation with CI on: (0.5 + 0.4) / (0.5 + 0.3 + 0.2 + 0.4)
+    assert r[:4] == (2, 2, 0.5, 0.5)
+    assert r.firing_mass_on == pytest.approx(0.9 / 1.4)
+    keep = torch.tensor([True, False, True])
+    r2 = M.unit_gated_ci(ci, acts, V, keep=keep)
+    assert (r2.aligned, r2.on_when_firing, r2.on_when_silent) == (1, 0.5, 0.0)
+    assert r2.firing_mass_on == pytest.approx(0.5 / 0.7)
+
+
+def test_unit_gated_ci_of_a_rotated_basis_has_no_aligned_subcomponents():
+    """A Hadamard basis spreads every subcomponent evenly over the units (share 1/4)."""
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    V = torch.kron(h2, h2)
+    r = M.unit_gated_ci(torch.ones(3, 4), torch.ones(3, 4), V, align=0.3)
+    assert r.aligned == 0 and math.isnan(r.on_when_firing) and math.isnan(r.on_when_silent)
+    assert math.isnan(r.firing_mass_on)
+
+
+def test_unit_gated_ci_rejects_bad_input():
+    V = torch.eye(2)
+    with pytest.raises(ValueError, match="ci"):
+        M.unit_gated_ci(torch.ones(3, 3), torch.ones(3, 2), V)
+    with pytest.raises(ValueError, match="unit_acts"):
+        M.unit_gated_ci(torch.ones(3, 2), torch.ones(4, 2), V)
+    with pytest.raises(ValueError, match="align"):
+        M.unit_gated_ci(torch.ones(3, 2), torch.ones(3, 2), V, align=0.0)
+    with pytest.raises(ValueError, match="keep"):
+        M.unit_gated_ci(torch.ones(3, 2), torch.ones(3, 2), V, keep=torch.ones(3, dtype=torch.bool))

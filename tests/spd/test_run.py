@@ -11,6 +11,7 @@ import torch
 from sparselens.spd import trainer as trainer_mod
 from sparselens.spd.config import SPDRunConfig
 from sparselens.spd.evaluate import ce_unrecovered, ci_patterns
+from sparselens.spd.metrics import UnitGatedCI
 from sparselens.spd.run import FINAL_WEIGHTS, load_run, run_spd
 from sparselens.spd.tasks import load_task
 from sparselens.spd.trainer import SPDTrainer, mask_seed
@@ -411,7 +412,10 @@ def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypa
         run_spd(cfg, out, on_checkpoint=stop)
     state = load_safetensors(out / "target" / "model.safetensors")
     assert not [k for k in state if ".original." in k]
-    run_spd(cfg, out, resume=True)
+    summary = run_spd(cfg, out, resume=True)
+    gating = summary["mlp_out_neurons"]["layers.0.mlp_out"]
+    assert set(gating) == set(UnitGatedCI._fields)
+    assert "layers.0.mlp_out`: " in (out / "report.md").read_text()
     model, _, task = load_run(out)
     x = task.sample(8, torch.Generator().manual_seed(0))
     assert model.target_output(x)[0].shape == (8, 100)

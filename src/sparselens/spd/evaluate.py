@@ -252,6 +252,26 @@ def _toy_metrics(
         m["mmcs_per_layer"], m["ml2r_per_layer"] = mm["mmcs"], mm["ml2r"]
         first = model.names[0]
         m["mmcs"], m["ml2r"] = mm["mmcs"][first], mm["ml2r"][first]
+    if task.kind == "resid_mlp":
+        outs = [n for n in model.names if n.endswith("mlp_out")]
+        if outs:
+            m["mlp_out_neurons"] = _neuron_gating(model, task.n_features, config, outs, result)
+
+
+def _neuron_gating(
+    model: ComponentModel, n: int, config: SPDRunConfig, names: list[str], result: FinalEval
+) -> dict[str, dict[str, float | int]]:
+    """Per ResidMLP ``mlp_out``: how many non-negligible subcomponents read a single ReLU neuron
+    (share >= 0.9) and whether their one-hot CI is on exactly when that neuron fires."""
+    inputs = M.one_hot_inputs(model, n, config.one_hot_magnitude)
+    out = {}
+    for name in names:
+        comp = model.component(name)
+        norms = result.norms[name]
+        keep = norms > NEGLIGIBLE_FRAC * norms.max()
+        r = M.unit_gated_ci(result.one_hot[name], inputs[name], comp.V, keep=keep, tol=CI_THRESHOLD)
+        out[name] = r._asdict()
+    return out
 
 
 def _lm_ce(

@@ -13,13 +13,17 @@ Components follow the :class:`~sparselens.spd.components.LinearComponents` layou
   or dense (``k`` components on for every input) pattern, counted in entries off by more than
   ``tol``; perfect = 0.
 * :func:`one_hot_ci`: the lower-leaky CI of every decomposed module on inputs ``magnitude * e_j``.
+* :func:`unit_alignment` / :func:`unit_gated_ci`: whether subcomponents read single input units
+  (e.g. one ReLU neuron each for a ResidMLP ``mlp_out``) and whether their CI is on exactly when
+  that unit fires -- the measured form of "which basis did ``W_out`` split into".
 
 All run on eval only; they are vectorised and return host numbers where the name says so.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import math
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -215,18 +219,104 @@ def one_hot_ci(
     Returns ``{module name: (n_features, C)}``. The inputs are the target's own module inputs
     (``model.target_output(x, cache_inputs=True)``), as in training.
     """
+    ci = model.causal_importance(one_hot_inputs(model, n_features, magnitude))
+    return {name: out.lower.detach() for name, out in ci.items()}
+
+
+@torch.no_grad()
+def one_hot_inputs(
+    model: ComponentModel, n_features: int, magnitude: float = 0.75
+) -> dict[str, Tensor]:
+    """Each decomposed module's own input on the target inputs ``magnitude * e_j``:
+    ``{module name: (n_features, d_in)}``."""
     n = check_int("n_features", n_features, ge=1)
     mag = check_number("magnitude", magnitude)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     x = mag * torch.eye(n, device=device)
     _, inputs = model.target_output(x, cache_inputs=True)
-    ci = model.causal_importance(inputs)
-    return {name: out.lower.detach() for name, out in ci.items()}
+    return {name: t.detach() for name, t in inputs.items()}
+
+
+def unit_alignment(V: Tensor) -> tuple[Tensor, Tensor]:
+    """Per subcomponent ``c``: the share ``max_i V_ic^2 / sum_i V_ic^2`` of its read-in vector on
+    its largest input unit, and that unit; both ``(C,)``. Share 1 = the subcomponent reads exactly
+    one unit, 1/d_in = spread evenly; a zero column has share 0."""
+    _matrix("V", V)
+    sq = V.detach().float().square()
+    top, unit = sq.max(dim=0)
+    total = sq.sum(dim=0)
+    return torch.where(total > 0, top / total.clamp_min(1e-30), 0.0), unit
+
+
+class UnitGatedCI(NamedTuple):
+    """Result of :func:`unit_gated_ci` (probabilities NaN where no pair is counted)."""
+
+    aligned: int
+    """Subcomponents (among ``keep``) whose read-in share on one unit is at least ``align``."""
+    distinct_units: int
+    """Distinct units read by the aligned subcomponents."""
+    on_when_firing: float
+    """P(CI > tol | the subcomponent's unit is > 0), over positions x aligned subcomponents."""
+    on_when_silent: float
+    """P(CI > tol | the subcomponent's unit is <= 0)."""
+    firing_mass_on: float
+    """Share of the firing units' activation (summed over those pairs) where CI > tol."""
+
+
+def unit_gated_ci(
+    ci: Tensor,
+    unit_acts: Tensor,
+    V: Tensor,
+    *,
+    keep: Tensor | None = None,
+    align: float = 0.9,
+    tol: float = 0.1,
+) -> UnitGatedCI:
+    """Is the CI of unit-aligned subcomponents on exactly when their unit fires?
+
+    ``ci`` (N, C) lower-leaky CI, ``unit_acts`` (N, d_in) the layer's inputs on the same positions
+    (for ``mlp_out``: the ReLU neurons), ``V`` (d_in, C); ``keep`` (C,) bool restricts the count
+    (e.g. to non-negligible subcomponents). A subcomponent whose unit is silent has act
+    ``x V_c = 0`` and so no effect, whatever its mask: a minimal decomposition turns its CI off.
+    """
+    d_in, C = _matrix("V", V).shape
+    if _matrix("ci", ci).shape[1] != C:
+        raise ValueError(f"ci must have shape (N, C={C}), got {tuple(ci.shape)}")
+    if _matrix("unit_acts", unit_acts).shape != (ci.shape[0], d_in):
+        raise ValueError(
+            f"unit_acts must have shape (N={ci.shape[0]}, d_in={d_in}), got "
+            f"{tuple(unit_acts.shape)}"
+        )
+    a = check_number("align", align, gt=0.0, le=1.0)
+    t = check_number("tol", tol, ge=0.0, le=1.0)
+    if keep is None:
+        keep = torch.ones(C, dtype=torch.bool, device=V.device)
+    elif not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != (C,):
+        raise ValueError(f"keep must be a bool tensor of shape (C={C},)")
+    share, unit = unit_alignment(V)
+    chosen = (share >= a) & keep
+    acts = unit_acts.detach()[:, unit[chosen]]
+    fires = acts > 0
+    on = ci.detach()[:, chosen] > t
+    mass = float(acts[fires].sum())
+
+    def rate(sel: Tensor) -> float:
+        n = int(sel.sum())
+        return float((on & sel).sum()) / n if n else math.nan
+
+    return UnitGatedCI(
+        aligned=int(chosen.sum()),
+        distinct_units=int(unit[chosen].unique().numel()),
+        on_when_firing=rate(fires),
+        on_when_silent=rate(~fires),
+        firing_mass_on=float(acts[fires & on].sum()) / mass if mass > 0 else math.nan,
+    )
 
 
 __all__ = [
     "HUNGARIAN_MAX_DIM",
+    "UnitGatedCI",
     "ci_l0",
     "column_cosines",
     "count_non_negligible",
@@ -234,6 +324,9 @@ __all__ = [
     "identity_ci_error",
     "mmcs_ml2r",
     "one_hot_ci",
+    "one_hot_inputs",
     "permute_to_identity",
     "subcomponent_norms",
+    "unit_alignment",
+    "unit_gated_ci",
 ]

@@ -160,6 +160,13 @@ def _g(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _pct(x: Any) -> str:
+    """A probability as a percentage; '—' where it is undefined (NaN, or "nan" from JSON)."""
+    if isinstance(x, float) and x == x:
+        return f"{100 * x:.1f}%"
+    return "—"
+
+
 def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -> str:
     """``report.md``: setup, final metrics, plots."""
     m = s
@@ -215,6 +222,15 @@ def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -
         lines += [
             f"One-hot CI errors (tol 0.1): {', '.join(parts)}; total {m['ci_error_total']} "
             f"(tol 0.2: {' / '.join(parts02)}; total {m['ci_error_total_0p2']}).",
+            "",
+        ]
+    for layer, g in m.get("mlp_out_neurons", {}).items():
+        lines += [
+            f"`{layer}`: {g['aligned']} non-negligible subcomponents read one ReLU neuron each "
+            f"(>= 90% of |V_c|^2; {g['distinct_units']} distinct neurons); on one-hot inputs their "
+            f"CI is > 0.1 in {_pct(g['on_when_firing'])} of the cases where that neuron fires and "
+            f"{_pct(g['on_when_silent'])} where it is silent (on for "
+            f"{_pct(g['firing_mass_on'])} of the firing neurons' activation).",
             "",
         ]
     rec = m["recon"]
