@@ -420,3 +420,18 @@ def test_unit_gated_ci_rejects_bad_input():
         M.unit_gated_ci(torch.ones(3, 2), torch.ones(3, 2), V, align=0.0)
     with pytest.raises(ValueError, match="keep"):
         M.unit_gated_ci(torch.ones(3, 2), torch.ones(3, 2), V, keep=torch.ones(3, dtype=torch.bool))
+
+
+def test_ci_per_unit_takes_the_largest_ci_of_the_aligned_readers():
+    """Unit 0 is read by c0 and c2 (max taken), unit 1 by c1 only if kept, unit 2 by nobody (0).
+    Catches a sum instead of the max, and unaligned readers counted."""
+    V = torch.tensor([[1.0, 0.0, 3.0, 0.5], [0.0, 2.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.5]])
+    ci = torch.tensor([[0.2, 0.7, 0.6, 1.0], [0.9, 0.1, 0.3, 1.0]])
+    out = M.ci_per_unit(ci, V)
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.7, 0.0], [0.9, 0.1, 0.0]]))
+    keep = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(
+        M.ci_per_unit(ci, V, keep=keep), torch.tensor([[0.6, 0.0, 0.0], [0.9, 0.0, 0.0]])
+    )
+    with pytest.raises(ValueError, match="ci"):
+        M.ci_per_unit(torch.ones(2, 3), V)

@@ -416,6 +416,7 @@ def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypa
     gating = summary["mlp_out_neurons"]["layers.0.mlp_out"]
     assert set(gating) == set(UnitGatedCI._fields)
     assert "layers.0.mlp_out`: " in (out / "report.md").read_text()
+    assert (out / "plots" / "neurons_layers-0-mlp_out.png").stat().st_size > 0
     model, _, task = load_run(out)
     x = task.sample(8, torch.Generator().manual_seed(0))
     assert model.target_output(x)[0].shape == (8, 100)

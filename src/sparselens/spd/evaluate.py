@@ -159,6 +159,8 @@ class FinalEval:
     norms: dict[str, Tensor] = field(default_factory=dict)
     ci_values: dict[str, Tensor] = field(default_factory=dict)
     patterns: list[CIPattern] = field(default_factory=list)
+    neurons: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """ResidMLP ``mlp_out``: one-hot ReLU neuron activations and CI per neuron, both (n, d_mlp)."""
 
 
 def _target_weight(comp: Any) -> Tensor:
@@ -269,8 +271,10 @@ def _neuron_gating(
         comp = model.component(name)
         norms = result.norms[name]
         keep = norms > NEGLIGIBLE_FRAC * norms.max()
-        r = M.unit_gated_ci(result.one_hot[name], inputs[name], comp.V, keep=keep, tol=CI_THRESHOLD)
+        ci = result.one_hot[name]
+        r = M.unit_gated_ci(ci, inputs[name], comp.V, keep=keep, tol=CI_THRESHOLD)
         out[name] = r._asdict()
+        result.neurons[name] = (inputs[name], M.ci_per_unit(ci, comp.V, keep=keep))
     return out
 
 

@@ -249,6 +249,30 @@ def unit_alignment(V: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(total > 0, top / total.clamp_min(1e-30), 0.0), unit
 
 
+def _aligned(V: Tensor, keep: Tensor | None, align: float) -> tuple[Tensor, Tensor]:
+    """(C,) bool: subcomponents in ``keep`` with unit share >= ``align``; (C,) their units."""
+    C = V.shape[1]
+    a = check_number("align", align, gt=0.0, le=1.0)
+    if keep is None:
+        keep = torch.ones(C, dtype=torch.bool, device=V.device)
+    elif not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != (C,):
+        raise ValueError(f"keep must be a bool tensor of shape (C={C},)")
+    share, unit = unit_alignment(V)
+    return (share >= a) & keep, unit
+
+
+def ci_per_unit(ci: Tensor, V: Tensor, *, keep: Tensor | None = None, align: float = 0.9) -> Tensor:
+    """(N, d_in): per input unit, the largest CI among the subcomponents that read it (share >=
+    ``align``, in ``keep``); 0 for a unit no such subcomponent reads."""
+    d_in, C = _matrix("V", V).shape
+    if _matrix("ci", ci).shape[1] != C:
+        raise ValueError(f"ci must have shape (N, C={C}), got {tuple(ci.shape)}")
+    chosen, unit = _aligned(V, keep, align)
+    out = ci.new_zeros(ci.shape[0], d_in)
+    idx = unit[chosen].unsqueeze(0).expand(ci.shape[0], -1)
+    return out.scatter_reduce(1, idx, ci.detach()[:, chosen], reduce="amax")
+
+
 class UnitGatedCI(NamedTuple):
     """Result of :func:`unit_gated_ci` (probabilities NaN where no pair is counted)."""
 
@@ -288,14 +312,8 @@ def unit_gated_ci(
             f"unit_acts must have shape (N={ci.shape[0]}, d_in={d_in}), got "
             f"{tuple(unit_acts.shape)}"
         )
-    a = check_number("align", align, gt=0.0, le=1.0)
     t = check_number("tol", tol, ge=0.0, le=1.0)
-    if keep is None:
-        keep = torch.ones(C, dtype=torch.bool, device=V.device)
-    elif not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != (C,):
-        raise ValueError(f"keep must be a bool tensor of shape (C={C},)")
-    share, unit = unit_alignment(V)
-    chosen = (share >= a) & keep
+    chosen, unit = _aligned(V, keep, align)
     acts = unit_acts.detach()[:, unit[chosen]]
     fires = acts > 0
     on = ci.detach()[:, chosen] > t
@@ -318,6 +336,7 @@ __all__ = [
     "HUNGARIAN_MAX_DIM",
     "UnitGatedCI",
     "ci_l0",
+    "ci_per_unit",
     "column_cosines",
     "count_non_negligible",
     "dense_ci_error",

@@ -4,7 +4,8 @@ Plots (``plots/``): ``losses.png`` (training loss terms and evaluation reconstru
 against the step, log scale), ``ci_l0.png`` (CI-L0 per layer over training),
 ``ci_one_hot_<layer>.png`` (toys: CI on one-hot inputs, columns permuted to the expected
 pattern), ``component_norms.png`` (subcomponent norms per layer, sorted) and
-``ci_histograms.png`` (lower-leaky CI values of the final evaluation, per layer).
+``ci_histograms.png`` (lower-leaky CI values of the final evaluation, per layer) and, for a
+ResidMLP ``mlp_out``, ``neurons_<layer>.png`` (one-hot neuron firing beside the CI per neuron).
 """
 
 from __future__ import annotations
@@ -104,6 +105,23 @@ def plot_one_hot(path: Path, layer: str, ci: Tensor, kind: str) -> None:
     save_figure(fig, path)
 
 
+def plot_neurons(path: Path, layer: str, acts: Tensor, ci: Tensor) -> None:
+    """ResidMLP ``mlp_out`` on one-hot inputs: which ReLU neurons fire (left) beside the CI of
+    the subcomponent that reads each neuron (right); same rows (features) and columns (neurons)."""
+    fig = _figure((12, 6))
+    axes = fig.subplots(1, 2)
+    fires = (acts.detach().cpu() > 0).float()
+    for ax, m, title in (
+        (axes[0], fires, "neuron fires (ReLU out > 0)"),
+        (axes[1], ci.detach().cpu(), "CI of the subcomponent reading the neuron"),
+    ):
+        im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
+        ax.set(xlabel="neuron", ylabel="input feature (one-hot)", title=title)
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.suptitle(f"{layer}: does CI follow the neurons?")
+    save_figure(fig, path)
+
+
 def plot_component_norms(path: Path, norms: dict[str, Tensor]) -> None:
     """Subcomponent norms per layer, sorted descending (non-negligible: > 0.1 x max)."""
     fig = _figure((7, 4.5))
@@ -146,6 +164,10 @@ def write_plots(stage: Path, records: list[dict[str, Any]], final: FinalEval) ->
     for layer, ci in final.one_hot.items():
         name = f"plots/ci_one_hot_{_fname(layer)}.png"
         plot_one_hot(stage / name, layer, ci, kinds.get(layer, "identity"))
+        out.append(name)
+    for layer, (acts, ci) in final.neurons.items():
+        name = f"plots/neurons_{_fname(layer)}.png"
+        plot_neurons(stage / name, layer, acts, ci)
         out.append(name)
     plot_component_norms(plots / "component_norms.png", final.norms)
     plot_ci_histograms(plots / "ci_histograms.png", final.ci_values)
@@ -271,6 +293,7 @@ __all__ = [
     "plot_ci_l0",
     "plot_component_norms",
     "plot_losses",
+    "plot_neurons",
     "plot_one_hot",
     "report_markdown",
     "write_plots",
