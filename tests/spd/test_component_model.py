@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from sparselens.lm.model import MiniGPT, MiniGPTConfig
+from sparselens.spd import component_model as component_model_mod
 from sparselens.spd.component_model import BaseInput, ComponentModel, DecomposedModule
 from sparselens.spd.components import EmbeddingComponents, TiedLinearComponents
 from sparselens.spd.targets.io import load_bundled_target
@@ -118,6 +119,15 @@ def _build(case: str, dtype: torch.dtype = torch.float32):
     return model, target, x, before
 
 
+@pytest.fixture(params=["rows", "select"])
+def route_path(request, monkeypatch) -> str:
+    """Run a test with routes applied as row selections (CPU, 2-d inputs) and as a select on the
+    masks (the path taken elsewhere), so that both stay covered on CPU."""
+    if request.param == "select":
+        monkeypatch.setattr(component_model_mod, "_route_as_rows", lambda *a: False)
+    return request.param
+
+
 # -- the target is preserved ----------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
 def test_target_output_equals_target_before_wrapping(case: str) -> None:
@@ -150,7 +160,7 @@ def test_all_ones_masks_with_unit_delta_give_the_target(case: str) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_routes_false_give_the_target(case: str, with_delta: bool) -> None:
+def test_routes_false_give_the_target(case: str, with_delta: bool, route_path: str) -> None:
     """Routed-off positions give the target exactly, routed-on ones the replaced forward, with
     or without delta masks. Catches routing implemented as the mask ``m = 1`` alone, which
     without the delta would output ``x (VU)^T + b``."""
@@ -168,7 +178,7 @@ def test_routes_false_give_the_target(case: str, with_delta: bool) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_routed_off_positions_send_no_gradient(case: str, with_delta: bool) -> None:
+def test_routed_off_positions_send_no_gradient(case: str, with_delta: bool, route_path: str) -> None:
     """Every position routed to the original layers: the gradient into U, V and the masks is
     exactly zero (the original layer is frozen). Catches a routed-off output that still depends on
     the components (e.g. ``x (VU)^T + x (W - (VU)^T)^T``, equal only up to rounding)."""
@@ -262,6 +272,59 @@ def test_base_input_reuses_one_copy(case: str, with_rows: bool) -> None:
         model(x3, masks, deltas, rows=rows, base=bad)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_routes_as_rows_equal_routes_as_a_select(case: str, with_rows: bool, monkeypatch) -> None:
+    """Random per-position routes (with and without variant ``rows``, with ``base``): running
+    only the routed-on rows on the components gives the output and gradients (U, V, masks) of
+    the select on the masks. Catches masks or delta masks not reduced to the routed-on rows
+    (misaligned with them), and routed-off rows left out of the output."""
+    model, _, x, _ = _build(case, F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    first = next(iter(cache))
+    x3 = x.repeat(3, *([1] * (x.dim() - 1)))
+    _, cache3 = model.target_output(x3, cache_inputs=True)
+    masks, deltas = _all_masks(model, cache3, 10)
+    rows = None
+    if with_rows:
+        n = x3.shape[0]
+        rows = {k: torch.arange(n)[torch.arange(n) % 3 != 1] for k in masks}
+        masks = {k: m[rows[k]] for k, m in masks.items()}
+        deltas = {k: d[rows[k]] for k, d in deltas.items()}
+    gen = _gen(11)
+    routes = {k: torch.rand(m.shape[:-1], generator=gen) < 0.6 for k, m in masks.items()}
+    params = list(model.components.parameters())
+
+    def run() -> tuple[Tensor, list[Tensor]]:
+        leaves = {k: m.clone().requires_grad_(True) for k, m in masks.items()}
+        out = model(x3, leaves, deltas, routes, rows=rows, base=BaseInput(first, cache[first]))
+        gs = torch.autograd.grad(
+            out.square().sum(), list(leaves.values()) + params, allow_unused=True
+        )
+        return out, [torch.zeros(()) if g is None else g for g in gs]
+
+    got, g_got = run()
+    monkeypatch.setattr(component_model_mod, "_route_as_rows", lambda *a: False)
+    want, g_want = run()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_route_as_rows_only_where_it_applies() -> None:
+    """The row path is taken for CPU linear layers on one batch axis, not for token / sequence
+    inputs (their routes cover two axes) or embeddings."""
+    model, _, x, _ = _build("tms", F64)
+    comp = model.component("linear1")
+    route = torch.ones(x.shape[0], dtype=torch.bool)
+    assert component_model_mod._route_as_rows(x, route, comp)
+    x3 = x.unsqueeze(0)
+    assert not component_model_mod._route_as_rows(x3, route.unsqueeze(0), comp)
+    toy = _build("toy", F64)[0]
+    emb = next(c for c in toy.components.values() if isinstance(c, EmbeddingComponents))
+    assert not component_model_mod._route_as_rows(x, route, emb)
+
+
 def test_tms_replaced_forward_equals_explicit() -> None:
     """Both layers on components: ``relu(layer2(layer1(x)))`` with explicit replaced layers,
     ``linear2`` using ``V = U_1^T``, ``U = V_1^T``, ``W = W_1^T`` and its own bias."""
@@ -278,7 +341,7 @@ def test_tms_replaced_forward_equals_explicit() -> None:
     assert isinstance(model.component("linear2"), TiedLinearComponents)
 
 
-def test_tms_per_position_routes_select_rows() -> None:
+def test_tms_per_position_routes_select_rows(route_path: str) -> None:
     """Routes choose per position between the replaced and the original output of a layer."""
     model, _, x, before = _build("tms", F64)
     _, cache = model.target_output(x, cache_inputs=True)

@@ -15,7 +15,10 @@ original layer (recording its input when asked) or the replaced forward of
 * ``model(x, masks, delta_masks, routes, rows)`` -- layers named in ``masks`` run on their
   components; ``delta_masks`` add the delta component ``r * x (W - (VU)^T)^T``; ``routes`` (bool
   per position) choose per position between the replaced and the original output (a routed-off
-  position runs with ``m = r = 1``, which is the original layer exactly); ``rows`` restrict a
+  position runs with ``m = r = 1``, which is the original layer exactly; on CPU, for a linear
+  layer on one batch axis, the routed-on positions are instead selected as ``rows``, so the
+  routed-off ones cost no component products -- a host read of the route that costs nothing
+  there and that accelerators skip); ``rows`` restrict a
   layer's replacement to some rows of the input's first axis (the other rows run the original
   layer and cost no component products). Layers not in ``masks`` keep the target's weights.
   Every mask's leading (batch) shape equals the layer input's (or its selected rows'), so
@@ -133,6 +136,14 @@ class _Slot(nn.Module):
             )
         delta = st.delta_masks.get(name)
         route = st.routes.get(name)
+        if route is not None and _route_as_rows(x, route, comp):
+            # run only the routed-on rows on the components (the others are the original layer,
+            # as below): one host read of the route saves the routed-off rows' products
+            on = route.nonzero().squeeze(1)
+            rows = on if rows is None else rows.index_select(0, on)
+            mask = mask.index_select(0, on)
+            delta = None if delta is None else delta.index_select(0, on)
+            route, xs = None, x.index_select(0, rows)
         if route is not None:
             # Routed-off positions take m = r = 1: (h * (m - r)) U + r x W^T + b is then exactly
             # the original x W^T + b with no gradient into U, V or the masks -- a select on the
@@ -176,6 +187,17 @@ class _Slot(nn.Module):
         acts = comp.acts(base.x) if base.acts is None else base.acts
         y0 = comp.target_product(base.x) if need_y0 else None
         return acts, y0, x.shape[0] // n_base
+
+
+def _route_as_rows(x: Tensor, route: Tensor, comp: Components) -> bool:
+    """Whether a layer's route is applied by selecting rows (CPU, one batch axis, a linear
+    layer) rather than by a select on the masks (elsewhere: no host read of the route)."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 2
+        and route.dim() == 1
+        and not isinstance(comp, EmbeddingComponents)
+    )
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:
