@@ -178,7 +178,9 @@ def test_routes_false_give_the_target(case: str, with_delta: bool, route_path: s
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_routed_off_positions_send_no_gradient(case: str, with_delta: bool, route_path: str) -> None:
+def test_routed_off_positions_send_no_gradient(
+    case: str, with_delta: bool, route_path: str
+) -> None:
     """Every position routed to the original layers: the gradient into U, V and the masks is
     exactly zero (the original layer is frozen). Catches a routed-off output that still depends on
     the components (e.g. ``x (VU)^T + x (W - (VU)^T)^T``, equal only up to rounding)."""
