@@ -480,3 +480,28 @@ def test_evaluations_do_not_change_the_training_trajectory(tmp_path):
     )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["recon"] == b["recon"]
+
+
+def test_evaluate_checkpoint_latest_equals_the_final_evaluation(completed, tmp_path):
+    """The latest checkpoint (step 8 = the final weights) evaluates to the run's own final
+    metrics; an earlier one (step 6) to different ones, written under eval/step-6 by default.
+    Catches the wrong checkpoint's weights loaded (or none: the fresh initialisation)."""
+    from sparselens.spd.run import evaluate_checkpoint
+
+    out, final = completed
+    before = sorted(p.name for p in out.iterdir())
+    s8 = evaluate_checkpoint(out, out=tmp_path / "e8")
+    assert s8["checkpoint_step"] == 8
+    for key in ("mmcs", "ml2r", "ci_l0", "recon", "identity_ci_error", "non_negligible"):
+        assert s8[key] == final[key], key
+    assert (tmp_path / "e8" / "plots" / "ci_one_hot_linear1.png").stat().st_size > 0
+    assert "at step 8" in (tmp_path / "e8" / "report.md").read_text().splitlines()[0]
+    s6 = evaluate_checkpoint(out, step=6)
+    assert s6["checkpoint_step"] == 6 and s6["recon"] != final["recon"]
+    doc = json.loads((out / "eval" / "step-6" / "summary.json").read_text())
+    assert doc["checkpoint_step"] == 6 and doc["recon"] == s6["recon"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval"])
+    with pytest.raises(ValueError, match=r"step must be one of the checkpoints \[6, 8\]"):
+        evaluate_checkpoint(out, step=4)
+    with pytest.raises(FileNotFoundError, match="not an SPD run directory"):
+        evaluate_checkpoint(tmp_path)

@@ -54,6 +54,17 @@ def test_run_a_bundled_config_with_overrides(tmp_path, capsys):
     rc, again, err = _cli(["spd", "run", "--resume", "--out", out, "-q"], capsys)
     assert rc == 0, err
     assert again == ""
+    # spd eval of a checkpoint: its own summary lines, written under eval/step-2
+    rc, ev, err = _cli(["spd", "eval", out, "--step", "2"], capsys)
+    assert rc == 0, err
+    lines = ev.splitlines()
+    assert lines[0] == f"sparselens spd eval: {out.resolve()}"
+    assert lines[1].startswith("  target tms_5-2, step 2 of 4 of batch 32:")
+    assert lines[-1] == f"  report: {out.resolve() / 'eval' / 'step-2' / 'report.md'}"
+    assert (out / "eval" / "step-2" / "summary.json").is_file()
+    rc, _, err = _cli(["spd", "eval", out, "--step", "3"], capsys)
+    assert rc == 2 and "step must be one of the checkpoints [2, 4], got 3" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_yaml_file_lr_flag_and_quiet(tmp_path, capsys):

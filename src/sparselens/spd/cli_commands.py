@@ -53,6 +53,36 @@ def register(subparsers: Any) -> None:
     )
     sub = spd.add_subparsers(dest="spd_command", metavar="SPD_COMMAND", required=True)
     _register_run(sub)
+    _register_eval(sub)
+
+
+def _register_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's checkpoint (metrics, plots, report), also while it runs",
+        description=(
+            "The final evaluation of an SPD run at one of its checkpoints (the latest by "
+            "default): one-hot CI errors, MMCS/ML2R, CI-L0, reconstruction under masks, plots "
+            "and report.md, written to --out (default RUN_DIR/eval/step-<N>). The run directory "
+            "is only read, so a run still training is not disturbed."
+        ),
+        allow_abbrev=False,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (`spd run --out`)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/eval/step-N)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from sparselens.spd.run import evaluate_checkpoint
+
+    s = evaluate_checkpoint(args.run_dir, step=args.step, out=args.out)
+    if not args.quiet:
+        print("\n".join(summary_lines(s)))
+    return 0
 
 
 def _register_run(sub: Any) -> None:
@@ -209,9 +239,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
     """The lines ``sparselens spd run`` prints."""
+    ckpt = s.get("checkpoint_step")
+    steps = f"{s['steps']} steps" if ckpt is None else f"step {ckpt} of {s['steps']}"
     lines = [
-        f"{PROG} spd run: {s['run_dir']}",
-        f"  target {s['target']}, {s['steps']} steps of batch {s['batch_size']}: "
+        f"{PROG} spd run: {s['run_dir']}" if ckpt is None else f"{PROG} spd eval: {s['run_dir']}",
+        f"  target {s['target']}, {steps} of batch {s['batch_size']}: "
         f"{s['train_seconds']:.1f} s training ({s['step_ms']:.2f} ms/step), "
         f"{s['wall_seconds']:.1f} s in all",
     ]
@@ -233,7 +265,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"  CE target {lm['ce_target']:.4f}, with CI masks {lm['ce']['ci']:.4f} "
             f"(KL {lm['kl']['ci']:.4f}, CE unrecovered {lm['ce_unrecovered']['ci']:.4f})"
         )
-    lines.append(f"  report: {Path(s['run_dir']) / 'report.md'}")
+    report = Path(s.get("eval_dir", s["run_dir"])) / "report.md"
+    lines.append(f"  report: {report}")
     return lines
 
 

@@ -193,10 +193,14 @@ def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -
     """``report.md``: setup, final metrics, plots."""
     m = s
     imp = config.losses.importance_minimality
+    ckpt = s.get("checkpoint_step")
+    where = "final components: `final/model.safetensors`"
+    if ckpt is not None:
+        where = f"evaluated at its checkpoint of step {ckpt} of {config.steps}"
     lines = [
-        f"# SPD run: {config.target}",
+        f"# SPD run: {config.target}" + (f" at step {ckpt}" if ckpt is not None else ""),
         "",
-        f"Run directory: `{s['run_dir']}`; final components: `final/model.safetensors`.",
+        f"Run directory: `{s['run_dir']}`; {where}.",
         "",
         "## Setup",
         "",

@@ -51,7 +51,7 @@ from sparselens.train.atomic import (
 from sparselens.train.checkpoint import list_checkpoints, load_checkpoint
 from sparselens.train.config import load_yaml_mapping
 from sparselens.train.progress import progress_bar
-from sparselens.train.rundir import RunDir, check_resumable
+from sparselens.train.rundir import RunDir, check_resumable, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -271,24 +271,78 @@ def _json_safe(x: Any) -> Any:
 def load_run(run_dir: str | Path) -> tuple[ComponentModel, SPDRunConfig, Task]:
     """The trained component model of a completed run (its target, config and final weights)."""
     run_path = Path(run_dir)
-    config = SPDRunConfig.model_validate(load_yaml_mapping(run_path / RunDir.CONFIG))
     weights = run_path / FINAL_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no final weights (is the run complete?)")
+    return _model_with(run_path, load_safetensors(weights), str(weights))
+
+
+def _model_with(
+    run_path: Path, state: dict[str, torch.Tensor], source: str
+) -> tuple[ComponentModel, SPDRunConfig, Task]:
+    """The run's component model (its config and target) with the trainable ``state``."""
+    config = SPDRunConfig.model_validate(load_yaml_mapping(run_path / RunDir.CONFIG))
     task = _load_task_once(config, run_path)
     with torch.random.fork_rng(devices=[]):
         decomposition = config.decomposition or task.decomposition(config.C)
         model = ComponentModel(
             task.target, decomposition, ci_fn=config.ci_fn, ci_hidden=list(config.ci_hidden)
         )
-    state = load_safetensors(weights)
     params = dict(model.named_parameters())
     if set(state) != {n for n, p in params.items() if p.requires_grad}:
-        raise ValueError(f"{weights} does not fit the run's decomposition")
+        raise ValueError(f"{source} does not fit the run's decomposition")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
     return model, config, task
 
 
-__all__ = ["CHECKPOINT_PREFIX", "FINAL_WEIGHTS", "load_run", "run_spd"]
+def evaluate_checkpoint(
+    run_dir: str | Path, step: int | None = None, out: str | Path | None = None
+) -> dict[str, Any]:
+    """The final evaluation of a run's checkpoint (the latest, or ``step``) -- metrics,
+    ``summary.json``, ``report.md`` and plots into ``out`` (default
+    ``<run_dir>/eval/step-<step>``) -- while the run goes on or after it stopped.
+
+    Reads the run directory and never writes into it outside ``out``. Returns the summary.
+    """
+    run_path = Path(run_dir).resolve()
+    if not (run_path / RunDir.CONFIG).is_file():
+        raise FileNotFoundError(f"{run_path}: not an SPD run directory (no {RunDir.CONFIG})")
+    ckpts = dict(list_checkpoints(run_path / "checkpoints", CHECKPOINT_PREFIX))
+    if not ckpts:
+        raise FileNotFoundError(f"{run_path / 'checkpoints'}: no checkpoint yet")
+    if step is None:
+        step = max(ckpts)
+    elif step not in ckpts:
+        raise ValueError(f"step must be one of the checkpoints {sorted(ckpts)}, got {step}")
+    state, _, meta = load_checkpoint(ckpts[step])
+    model, config, task = _model_with(run_path, state["model"], str(ckpts[step]))
+    final = final_eval(model, task, config)
+    train_s = float(meta.get("train_seconds", 0.0))
+    summary: dict[str, Any] = {
+        "run_dir": str(run_path),
+        "checkpoint_step": step,
+        "target": config.target,
+        "layers": list(model.names),
+        "decomposition": [
+            d.model_dump(mode="json") for d in config.decomposition or task.decomposition(config.C)
+        ],
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "world_size": len(state["rng"]["masks"]),
+        **final.metrics,
+        "train_seconds": train_s,
+        "step_ms": 1000.0 * train_s / max(step, 1),
+        "wall_seconds": float(meta.get("wall_seconds", 0.0)),
+    }
+    dest = (Path(out) if out is not None else run_path / "eval" / f"step-{step}").resolve()
+    summary["eval_dir"] = str(dest)
+    records = [r for r in read_metrics(run_path / RunDir.METRICS) if r.get("step", 0) <= step]
+    plots = write_plots(dest, records, final)
+    atomic_write_json(dest / "summary.json", _json_safe(summary))
+    atomic_write_text(dest / RunDir.REPORT, report_markdown(config, summary, plots))
+    return summary
+
+
+__all__ = ["CHECKPOINT_PREFIX", "FINAL_WEIGHTS", "evaluate_checkpoint", "load_run", "run_spd"]

@@ -42,6 +42,19 @@ logger = logging.getLogger(__name__)
 STAGING = ".staging"
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file ([] if there is none); a torn line (a kill, or a
+    run still writing) is skipped. Reading never changes the run directory."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
 class RunDir:
     """Create (``resume=False``) or reopen (``resume=True``) a run directory.
 
@@ -180,13 +193,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All records of ``metrics.jsonl`` (a torn last line, from a kill, is skipped)."""
-        if not self.metrics_path.is_file():
-            return []
-        out = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
+        return read_metrics(self.metrics_path)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(
@@ -257,7 +264,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-__all__ = ["STAGING", "RunDir", "save_figure"]
+__all__ = ["STAGING", "RunDir", "read_metrics", "save_figure"]
 
 
 def check_resumable(
