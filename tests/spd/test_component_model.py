@@ -274,17 +274,22 @@ def test_base_input_reuses_one_copy(case: str, with_rows: bool) -> None:
         model(x3, masks, deltas, rows=rows, base=bad)
 
 
-@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("with_rows", [False, True])
-def test_routes_as_rows_equal_routes_as_a_select(case: str, with_rows: bool, monkeypatch) -> None:
-    """Random per-position routes (with and without variant ``rows``, with ``base``): running
-    only the routed-on rows on the components gives the output and gradients (U, V, masks) of
-    the select on the masks. Catches masks or delta masks not reduced to the routed-on rows
-    (misaligned with them), and routed-off rows left out of the output."""
-    model, _, x, _ = _build(case, F64)
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("kind", ["random", "off", "on", "first"])
+def test_routes_as_rows_equal_routes_as_a_select(
+    with_rows: bool, with_delta: bool, kind: str, monkeypatch
+) -> None:
+    """TMS (2-d layer inputs: the case the row path takes) on a 3-fold repeated batch with
+    ``base``, per-position routes random / all off / all on / only the first row, with and
+    without variant ``rows`` and delta masks: running only the routed-on rows on the components
+    gives the output and gradients (U, V, masks) of the select on the masks. Catches masks or
+    delta masks not reduced to the routed-on rows (misaligned with them), routed-on rows not
+    composed with the variant rows, and routed-off rows left out of the output."""
+    model, _, x, _ = _build("tms", F64)
     _, cache = model.target_output(x, cache_inputs=True)
     first = next(iter(cache))
-    x3 = x.repeat(3, *([1] * (x.dim() - 1)))
+    x3 = x.repeat(3, 1)
     _, cache3 = model.target_output(x3, cache_inputs=True)
     masks, deltas = _all_masks(model, cache3, 10)
     rows = None
@@ -294,12 +299,19 @@ def test_routes_as_rows_equal_routes_as_a_select(case: str, with_rows: bool, mon
         masks = {k: m[rows[k]] for k, m in masks.items()}
         deltas = {k: d[rows[k]] for k, d in deltas.items()}
     gen = _gen(11)
-    routes = {k: torch.rand(m.shape[:-1], generator=gen) < 0.6 for k, m in masks.items()}
+    routes = {}
+    for k, m in masks.items():
+        r = torch.rand(m.shape[:-1], generator=gen) < 0.6
+        if kind != "random":
+            r = torch.zeros_like(r) if kind in ("off", "first") else torch.ones_like(r)
+            r[0] = kind != "off"
+        routes[k] = r
     params = list(model.components.parameters())
 
     def run() -> tuple[Tensor, list[Tensor]]:
         leaves = {k: m.clone().requires_grad_(True) for k, m in masks.items()}
-        out = model(x3, leaves, deltas, routes, rows=rows, base=BaseInput(first, cache[first]))
+        d = deltas if with_delta else None
+        out = model(x3, leaves, d, routes, rows=rows, base=BaseInput(first, cache[first]))
         gs = torch.autograd.grad(
             out.square().sum(), list(leaves.values()) + params, allow_unused=True
         )
@@ -311,6 +323,17 @@ def test_routes_as_rows_equal_routes_as_a_select(case: str, with_rows: bool, mon
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_route_of_the_wrong_shape_is_an_error(route_path: str) -> None:
+    """A route must have the masks' batch shape on both paths (a (1,) route would broadcast on
+    one and select row 0 on the other)."""
+    model, _, x, _ = _build("tms", F64)
+    _, cache = model.target_output(x, cache_inputs=True)
+    masks, deltas = _all_masks(model, cache, 12)
+    for bad in (torch.ones(1, dtype=torch.bool), torch.ones(5, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"^routes\['linear1'\] must have shape \(7,\)"):
+            model(x, masks, deltas, {"linear1": bad})
 
 
 def test_route_as_rows_only_where_it_applies() -> None:

@@ -357,8 +357,8 @@ def test_one_hot_ci_on_a_tms_component_model_uses_each_modules_own_input():
 
 
 def test_unit_alignment_hand_case_uses_squared_entries():
-    """Shares are ``max_i V_ic^2 / sum_i V_ic^2``. Catches shares of |V| (0.6/1.4 = 0.43 for the
-    third column, not 0.36) and the argmax taken over the wrong axis."""
+    """Shares are ``max_i V_ic^2 / sum_i V_ic^2``. Catches shares of |V| (0.8/1.4 = 0.57 for the
+    third column, not 0.64) and the argmax taken over the wrong axis."""
     V = torch.tensor([[1.0, 0.0, 0.6], [0.0, -2.0, 0.8]])
     share, unit = M.unit_alignment(V)
     torch.testing.assert_close(share, torch.tensor([1.0, 1.0, 0.64]))

@@ -490,6 +490,7 @@ def test_evaluate_checkpoint_latest_equals_the_final_evaluation(completed, tmp_p
 
     out, final = completed
     before = sorted(p.name for p in out.iterdir())
+    kept = {n: (out / n).read_bytes() for n in ("metrics.jsonl", "manifest.json", "summary.json")}
     s8 = evaluate_checkpoint(out, out=tmp_path / "e8")
     assert s8["checkpoint_step"] == 8
     for key in ("mmcs", "ml2r", "ci_l0", "recon", "identity_ci_error", "non_negligible"):
@@ -501,7 +502,55 @@ def test_evaluate_checkpoint_latest_equals_the_final_evaluation(completed, tmp_p
     doc = json.loads((out / "eval" / "step-6" / "summary.json").read_text())
     assert doc["checkpoint_step"] == 6 and doc["recon"] == s6["recon"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval"])
-    with pytest.raises(ValueError, match=r"step must be one of the checkpoints \[6, 8\]"):
+    assert {n: (out / n).read_bytes() for n in kept} == kept
+    with pytest.raises(ValueError, match=r"step must be one of the kept checkpoints \[6, 8\]"):
         evaluate_checkpoint(out, step=4)
+    for bad in (out, out / "plots"):  # never over the run's own files
+        with pytest.raises(ValueError, match="out must be outside the run directory or under"):
+            evaluate_checkpoint(out, out=bad)
     with pytest.raises(FileNotFoundError, match="not an SPD run directory"):
         evaluate_checkpoint(tmp_path)
+
+
+def test_evaluate_checkpoint_threads_and_a_pruned_checkpoint(completed, tmp_path, monkeypatch):
+    """The evaluation runs on the run's thread count (or ``threads``) and restores the caller's;
+    a listed checkpoint that the running run prunes before it is read: the latest is listed
+    again (no step given), or a one-line error names the pruning (a step given)."""
+    import shutil
+
+    from sparselens.spd import run as run_mod
+
+    out = tmp_path / "run"
+    shutil.copytree(completed[0], out)
+    seen = []
+    real_eval = run_mod.final_eval
+
+    def spy(model, task, config):
+        seen.append(torch.get_num_threads())
+        return real_eval(model, task, config)
+
+    monkeypatch.setattr(run_mod, "final_eval", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_mod.evaluate_checkpoint(out, out=tmp_path / "a")
+        run_mod.evaluate_checkpoint(out, out=tmp_path / "b", threads=2)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+    real_load = run_mod.load_checkpoint
+
+    def pruned_once(path):
+        if "00000008" in path.name and path.exists():
+            for p in path.parent.glob("*00000008*"):
+                p.unlink()
+            raise FileNotFoundError(path)
+        return real_load(path)
+
+    monkeypatch.setattr(run_mod, "load_checkpoint", pruned_once)
+    with pytest.raises(ValueError, match=r"step 8: the running run pruned that checkpoint"):
+        run_mod.evaluate_checkpoint(out, step=8, out=tmp_path / "c")
+    shutil.rmtree(out)
+    shutil.copytree(completed[0], out)
+    assert run_mod.evaluate_checkpoint(out, out=tmp_path / "d")["checkpoint_step"] == 6

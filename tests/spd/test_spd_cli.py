@@ -63,7 +63,7 @@ def test_run_a_bundled_config_with_overrides(tmp_path, capsys):
     assert lines[-1] == f"  report: {out.resolve() / 'eval' / 'step-2' / 'report.md'}"
     assert (out / "eval" / "step-2" / "summary.json").is_file()
     rc, _, err = _cli(["spd", "eval", out, "--step", "3"], capsys)
-    assert rc == 2 and "step must be one of the checkpoints [2, 4], got 3" in err
+    assert rc == 2 and "step must be one of the kept checkpoints [2, 4], got 3" in err
     assert len(err.strip().splitlines()) == 1
 
 

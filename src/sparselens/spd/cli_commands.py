@@ -64,13 +64,16 @@ def _register_eval(sub: Any) -> None:
             "The final evaluation of an SPD run at one of its checkpoints (the latest by "
             "default): one-hot CI errors, MMCS/ML2R, CI-L0, reconstruction under masks, plots "
             "and report.md, written to --out (default RUN_DIR/eval/step-<N>). The run directory "
-            "is only read, so a run still training is not disturbed."
+            "is only read and the run's thread count is used, so a run still training goes on."
         ),
         allow_abbrev=False,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (`spd run --out`)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/eval/step-N)")
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="INT", help="intra-op threads (the run's)"
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.set_defaults(handler=_eval)
@@ -79,7 +82,9 @@ def _register_eval(sub: Any) -> None:
 def _eval(args: argparse.Namespace, argv: list[str]) -> int:
     from sparselens.spd.run import evaluate_checkpoint
 
-    s = evaluate_checkpoint(args.run_dir, step=args.step, out=args.out)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    s = evaluate_checkpoint(args.run_dir, step=args.step, out=args.out, threads=args.threads)
     if not args.quiet:
         print("\n".join(summary_lines(s)))
     return 0

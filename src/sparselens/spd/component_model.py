@@ -136,6 +136,11 @@ class _Slot(nn.Module):
             )
         delta = st.delta_masks.get(name)
         route = st.routes.get(name)
+        if route is not None and tuple(route.shape) != tuple(mask.shape[:-1]):
+            raise ValueError(
+                f"routes[{name!r}] must have shape {tuple(mask.shape[:-1])} (the masks' batch "
+                f"shape), got {tuple(route.shape)}"
+            )
         if route is not None and _route_as_rows(x, route, comp):
             # run only the routed-on rows on the components (the others are the original layer,
             # as below): one host read of the route saves the routed-off rows' products

@@ -234,7 +234,8 @@ def _toy_metrics(
     model: ComponentModel, task: Task, config: SPDRunConfig, result: FinalEval
 ) -> None:
     assert task.n_features is not None
-    one_hot = M.one_hot_ci(model, task.n_features, config.one_hot_magnitude)
+    inputs = M.one_hot_inputs(model, task.n_features, config.one_hot_magnitude)
+    one_hot = M.one_hot_ci(model, task.n_features, inputs=inputs)
     result.one_hot = one_hot
     patterns = ci_patterns(task, model)
     result.patterns = patterns
@@ -257,20 +258,19 @@ def _toy_metrics(
     if task.kind == "resid_mlp":
         outs = [n for n in model.names if n.endswith("mlp_out")]
         if outs:
-            m["mlp_out_neurons"] = _neuron_gating(model, task.n_features, config, outs, result)
+            m["mlp_out_neurons"] = _neuron_gating(model, inputs, outs, result)
 
 
 def _neuron_gating(
-    model: ComponentModel, n: int, config: SPDRunConfig, names: list[str], result: FinalEval
+    model: ComponentModel, inputs: dict[str, Tensor], names: list[str], result: FinalEval
 ) -> dict[str, dict[str, float | int]]:
     """Per ResidMLP ``mlp_out``: how many non-negligible subcomponents read a single ReLU neuron
-    (share >= 0.9) and whether their one-hot CI is on exactly when that neuron fires."""
-    inputs = M.one_hot_inputs(model, n, config.one_hot_magnitude)
+    (share >= 0.9) and whether their one-hot CI is on exactly when that neuron fires
+    (``inputs``: the layers' inputs on the one-hot target inputs)."""
     out = {}
     for name in names:
         comp = model.component(name)
-        norms = result.norms[name]
-        keep = norms > NEGLIGIBLE_FRAC * norms.max()
+        keep = M.non_negligible(result.norms[name], NEGLIGIBLE_FRAC)
         ci = result.one_hot[name]
         r = M.unit_gated_ci(ci, inputs[name], comp.V, keep=keep, tol=CI_THRESHOLD)
         out[name] = r._asdict()

@@ -72,12 +72,17 @@ def subcomponent_norms(V: Tensor, U: Tensor) -> Tensor:
 
 def count_non_negligible(norms: Tensor, frac: float = 0.1) -> int:
     """Number of entries of ``norms`` (C,) strictly above ``frac`` times the largest one."""
+    return int(non_negligible(norms, frac).sum())
+
+
+def non_negligible(norms: Tensor, frac: float = 0.1) -> Tensor:
+    """(C,) bool: the entries of ``norms`` strictly above ``frac`` times the largest one."""
     if not isinstance(norms, Tensor) or norms.dim() != 1 or norms.numel() == 0:
         raise ValueError("norms must be a non-empty 1-d tensor")
     check_finite("norms", norms)
     f = check_number("frac", frac, ge=0.0, le=1.0)
     n = norms.detach()
-    return int((n > f * n.max()).sum())
+    return n > f * n.max()
 
 
 def _check_vu(V: Tensor, U: Tensor) -> tuple[int, int, int]:
@@ -212,14 +217,21 @@ def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1, min_entries: int = 1) -
 
 @torch.no_grad()
 def one_hot_ci(
-    model: ComponentModel, n_features: int, magnitude: float = 0.75
+    model: ComponentModel,
+    n_features: int,
+    magnitude: float = 0.75,
+    *,
+    inputs: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Lower-leaky CI of each decomposed module on inputs ``magnitude * e_j``, j < n_features.
 
     Returns ``{module name: (n_features, C)}``. The inputs are the target's own module inputs
-    (``model.target_output(x, cache_inputs=True)``), as in training.
+    (``model.target_output(x, cache_inputs=True)``), as in training; ``inputs`` passes them when
+    :func:`one_hot_inputs` already formed them.
     """
-    ci = model.causal_importance(one_hot_inputs(model, n_features, magnitude))
+    if inputs is None:
+        inputs = one_hot_inputs(model, n_features, magnitude)
+    ci = model.causal_importance(inputs)
     return {name: out.lower.detach() for name, out in ci.items()}
 
 
@@ -301,8 +313,9 @@ def unit_gated_ci(
 
     ``ci`` (N, C) lower-leaky CI, ``unit_acts`` (N, d_in) the layer's inputs on the same positions
     (for ``mlp_out``: the ReLU neurons), ``V`` (d_in, C); ``keep`` (C,) bool restricts the count
-    (e.g. to non-negligible subcomponents). A subcomponent whose unit is silent has act
-    ``x V_c = 0`` and so no effect, whatever its mask: a minimal decomposition turns its CI off.
+    (e.g. to non-negligible subcomponents). A subcomponent that reads only a silent unit has
+    act ``x V_c = 0`` and so no effect, whatever its mask (with a share of ``align`` < 1, nearly
+    so): a minimal decomposition turns its CI off.
     """
     d_in, C = _matrix("V", V).shape
     if _matrix("ci", ci).shape[1] != C:
@@ -342,6 +355,7 @@ __all__ = [
     "dense_ci_error",
     "identity_ci_error",
     "mmcs_ml2r",
+    "non_negligible",
     "one_hot_ci",
     "one_hot_inputs",
     "permute_to_identity",

@@ -5,8 +5,12 @@ model and the trainer (:class:`~sparselens.spd.trainer.SPDTrainer`), runs the fa
 warm-up and the main loop with cheap evaluations, then the final evaluation, and writes the run
 directory (:class:`~sparselens.train.rundir.RunDir`)::
 
-    config.yaml  manifest.json  metrics.jsonl  checkpoints/   (while running)
+    config.yaml  manifest.json  metrics.jsonl  checkpoints/   (while running; the last two
+                                                              checkpoints are kept)
+    target/                      (ResidMLP: the on-demand target this run decomposes)
     final/model.safetensors  plots/*.png  summary.json  report.md   (once complete)
+    eval/step-<N>/               (``sparselens spd eval``: plots, summary.json, report.md of
+                                  a checkpoint, see :func:`evaluate_checkpoint`)
 
 ``metrics.jsonl`` holds ``{"phase": "warmup", "step": 0, "faithfulness"}`` after the warm-up,
 ``{"phase": "train", "step", "lr", "loss/<term>"}`` every ``log_every`` steps (means over the
@@ -27,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from sparselens.core import distributed as D
-from sparselens.spd.component_model import ComponentModel
+from sparselens.spd.component_model import ComponentModel, DecomposedModule
 from sparselens.spd.config import SPDRunConfig
-from sparselens.spd.evaluate import cheap_eval, final_eval
+from sparselens.spd.evaluate import FinalEval, cheap_eval, final_eval
 from sparselens.spd.report import report_markdown, write_plots
 from sparselens.spd.targets.io import Target, save_target
 from sparselens.spd.tasks import Task, load_task
@@ -58,6 +62,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "spd"
 FINAL_WEIGHTS = "final/model.safetensors"
 TARGET_DIR = "target"
+EVAL_DIR = "eval"
 _RESUMABLE_CHANGES = frozenset({"progress"})
 
 
@@ -231,30 +236,60 @@ def _train(
     train_s += time.perf_counter() - t0 if trainer.step > (resumed_from or 0) else 0.0
 
     final = final_eval(trainer.model, task, config)
-    total_train_s = prev_train_s + train_s
-    summary: dict[str, Any] = {
-        "run_dir": str(run_path),
-        "target": config.target,
-        "layers": list(trainer.model.names),
-        "decomposition": [d.model_dump(mode="json") for d in trainer.decomposition],
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "world_size": trainer.world,
-        **final.metrics,
-        "train_seconds": total_train_s,
-        "step_ms": 1000.0 * total_train_s / config.steps,
-        "wall_seconds": prev_wall_s + time.perf_counter() - t_start,
-    }
+    summary = _summary(
+        run_path, config, trainer.model, trainer.decomposition, trainer.world, final,
+        train_s=prev_train_s + train_s, steps_done=config.steps,
+        wall_s=prev_wall_s + time.perf_counter() - t_start,
+    )  # fmt: skip
     if main:
         assert run is not None
         with run.staging() as stage:
             save_safetensors(stage / FINAL_WEIGHTS, trainer.trainable_state())
-            plots = write_plots(stage, run.read_metrics(), final)
             summary["wall_seconds"] = prev_wall_s + time.perf_counter() - t_start
-            atomic_write_json(stage / "summary.json", _json_safe(summary))
-            atomic_write_text(stage / RunDir.REPORT, report_markdown(config, summary, plots))
+            _write_results(stage, run.read_metrics(), final, config, summary)
         logger.info("wrote %s", run.path)
     return summary
+
+
+def _summary(
+    run_path: Path,
+    config: SPDRunConfig,
+    model: ComponentModel,
+    decomposition: Sequence[DecomposedModule],
+    world: int,
+    final: FinalEval,
+    *,
+    train_s: float,
+    steps_done: int,
+    wall_s: float,
+) -> dict[str, Any]:
+    """``summary.json``'s content: the run's setup, the final metrics and the times."""
+    return {
+        "run_dir": str(run_path),
+        "target": config.target,
+        "layers": list(model.names),
+        "decomposition": [d.model_dump(mode="json") for d in decomposition],
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "world_size": world,
+        **final.metrics,
+        "train_seconds": train_s,
+        "step_ms": 1000.0 * train_s / max(steps_done, 1),
+        "wall_seconds": wall_s,
+    }
+
+
+def _write_results(
+    dest: Path,
+    records: list[dict[str, Any]],
+    final: FinalEval,
+    config: SPDRunConfig,
+    summary: dict[str, Any],
+) -> None:
+    """Plots, ``summary.json`` and ``report.md`` into ``dest``."""
+    plots = write_plots(dest, records, final)
+    atomic_write_json(dest / "summary.json", _json_safe(summary))
+    atomic_write_text(dest / RunDir.REPORT, report_markdown(config, summary, plots))
 
 
 def _json_safe(x: Any) -> Any:
@@ -298,51 +333,76 @@ def _model_with(
 
 
 def evaluate_checkpoint(
-    run_dir: str | Path, step: int | None = None, out: str | Path | None = None
+    run_dir: str | Path,
+    step: int | None = None,
+    out: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """The final evaluation of a run's checkpoint (the latest, or ``step``) -- metrics,
-    ``summary.json``, ``report.md`` and plots into ``out`` (default
-    ``<run_dir>/eval/step-<step>``) -- while the run goes on or after it stopped.
+    """The final evaluation of a run's checkpoint (the latest, or ``step``: the run keeps its
+    last two) -- metrics, ``summary.json``, ``report.md`` and plots into ``out`` (default
+    ``<run_dir>/eval/step-<step>``; never the run directory's own files) -- while the run goes
+    on or after it stopped, on ``threads`` intra-op threads (default: the run's).
 
-    Reads the run directory and never writes into it outside ``out``. Returns the summary.
+    Only reads the run directory outside ``out``. Returns the summary.
     """
     run_path = Path(run_dir).resolve()
     if not (run_path / RunDir.CONFIG).is_file():
         raise FileNotFoundError(f"{run_path}: not an SPD run directory (no {RunDir.CONFIG})")
-    ckpts = dict(list_checkpoints(run_path / "checkpoints", CHECKPOINT_PREFIX))
-    if not ckpts:
-        raise FileNotFoundError(f"{run_path / 'checkpoints'}: no checkpoint yet")
-    if step is None:
-        step = max(ckpts)
-    elif step not in ckpts:
-        raise ValueError(f"step must be one of the checkpoints {sorted(ckpts)}, got {step}")
-    state, _, meta = load_checkpoint(ckpts[step])
-    model, config, task = _model_with(run_path, state["model"], str(ckpts[step]))
-    final = final_eval(model, task, config)
-    train_s = float(meta.get("train_seconds", 0.0))
-    summary: dict[str, Any] = {
-        "run_dir": str(run_path),
+    evals = run_path / EVAL_DIR
+    if out is not None:
+        dest = Path(out).resolve()
+        if dest.is_relative_to(run_path) and not dest.is_relative_to(evals):
+            raise ValueError(f"out must be outside the run directory or under {evals}, got {dest}")
+    state, step, meta, ckpt = _read_checkpoint(run_path, step)
+    dest = Path(out).resolve() if out is not None else evals / f"step-{step}"
+    before = torch.get_num_threads()
+    try:
+        model, config, task = _model_with(run_path, state["model"], str(ckpt))
+        torch.set_num_threads(threads if threads is not None else config.threads)
+        final = final_eval(model, task, config)
+    finally:
+        torch.set_num_threads(before)
+    summary = {
+        **_summary(
+            run_path, config, model, config.decomposition or task.decomposition(config.C),
+            len(state["rng"]["masks"]), final,
+            train_s=float(meta.get("train_seconds", 0.0)), steps_done=step,
+            wall_s=float(meta.get("wall_seconds", 0.0)),
+        ),
         "checkpoint_step": step,
-        "target": config.target,
-        "layers": list(model.names),
-        "decomposition": [
-            d.model_dump(mode="json") for d in config.decomposition or task.decomposition(config.C)
-        ],
-        "steps": config.steps,
-        "batch_size": config.batch_size,
-        "world_size": len(state["rng"]["masks"]),
-        **final.metrics,
-        "train_seconds": train_s,
-        "step_ms": 1000.0 * train_s / max(step, 1),
-        "wall_seconds": float(meta.get("wall_seconds", 0.0)),
-    }
-    dest = (Path(out) if out is not None else run_path / "eval" / f"step-{step}").resolve()
-    summary["eval_dir"] = str(dest)
+        "eval_dir": str(dest),
+    }  # fmt: skip
     records = [r for r in read_metrics(run_path / RunDir.METRICS) if r.get("step", 0) <= step]
-    plots = write_plots(dest, records, final)
-    atomic_write_json(dest / "summary.json", _json_safe(summary))
-    atomic_write_text(dest / RunDir.REPORT, report_markdown(config, summary, plots))
+    _write_results(dest, records, final, config, summary)
     return summary
+
+
+def _read_checkpoint(
+    run_path: Path, step: int | None
+) -> tuple[dict[str, Any], int, dict[str, Any], Path]:
+    """``(state, step, meta, path)`` of the checkpoint of ``step`` (None: the latest). A running
+    run may prune a listed checkpoint before it is read: the latest is then listed again."""
+    for attempt in range(3):
+        ckpts = dict(list_checkpoints(run_path / "checkpoints", CHECKPOINT_PREFIX))
+        if not ckpts:
+            raise FileNotFoundError(f"{run_path / 'checkpoints'}: no checkpoint yet")
+        want = max(ckpts) if step is None else step
+        if want not in ckpts:
+            raise ValueError(
+                f"step must be one of the kept checkpoints {sorted(ckpts)}, got {step}"
+            )
+        try:
+            state, got, meta = load_checkpoint(ckpts[want])
+            return state, got, meta, ckpts[want]
+        except (FileNotFoundError, ValueError):
+            if ckpts[want].exists() or attempt == 2:
+                raise
+            if step is not None:
+                raise ValueError(
+                    f"step {step}: the running run pruned that checkpoint (it keeps its last "
+                    "two); pick a newer one"
+                ) from None
+    raise AssertionError("unreachable")
 
 
 __all__ = ["CHECKPOINT_PREFIX", "FINAL_WEIGHTS", "evaluate_checkpoint", "load_run", "run_spd"]
