@@ -45,7 +45,9 @@ def stochastic_masks(ci: Tensor, n: int = 1, generator: torch.Generator | None =
     """``n`` draws of ``g + (1 - g) u``, shape ``(n, *ci.shape)``."""
     n = check_int("n_mask_samples", n, ge=1)
     u = uniform((n, *ci.shape), generator, dtype=ci.dtype, device=ci.device)
-    return torch.addcmul(ci, 1.0 - ci, u)
+    # n = 1 (the usual S): no broadcast, so the backward to ci needs no sum over the draws
+    g = ci.unsqueeze(0) if n == 1 else ci
+    return torch.addcmul(g, 1.0 - g, u)
 
 
 def delta_mask(
