@@ -45,7 +45,7 @@ from sparselens.spd.evaluate import FinalEval, cheap_eval, final_eval
 from sparselens.spd.report import report_markdown, write_plots
 from sparselens.spd.targets.io import Target, save_target
 from sparselens.spd.tasks import Task, load_task
-from sparselens.spd.trainer import SPDTrainer
+from sparselens.spd.trainer import SPDTrainer, build_model
 from sparselens.train.atomic import (
     atomic_write_json,
     atomic_write_text,
@@ -309,27 +309,26 @@ def load_run(run_dir: str | Path) -> tuple[ComponentModel, SPDRunConfig, Task]:
     weights = run_path / FINAL_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no final weights (is the run complete?)")
-    return _model_with(run_path, load_safetensors(weights), str(weights))
+    model, _, config, task = _model_with(run_path, load_safetensors(weights), str(weights))
+    return model, config, task
 
 
 def _model_with(
     run_path: Path, state: dict[str, torch.Tensor], source: str
-) -> tuple[ComponentModel, SPDRunConfig, Task]:
-    """The run's component model (its config and target) with the trainable ``state``."""
+) -> tuple[ComponentModel, list[DecomposedModule], SPDRunConfig, Task]:
+    """The run's component model (its decomposition, config and target) with the trainable
+    ``state``."""
     config = SPDRunConfig.model_validate(load_yaml_mapping(run_path / RunDir.CONFIG))
     task = _load_task_once(config, run_path)
     with torch.random.fork_rng(devices=[]):
-        decomposition = config.decomposition or task.decomposition(config.C)
-        model = ComponentModel(
-            task.target, decomposition, ci_fn=config.ci_fn, ci_hidden=list(config.ci_hidden)
-        )
+        model, decomposition = build_model(config, task)
     params = dict(model.named_parameters())
     if set(state) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError(f"{source} does not fit the run's decomposition")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-    return model, config, task
+    return model, decomposition, config, task
 
 
 def evaluate_checkpoint(
@@ -357,15 +356,14 @@ def evaluate_checkpoint(
     dest = Path(out).resolve() if out is not None else evals / f"step-{step}"
     before = torch.get_num_threads()
     try:
-        model, config, task = _model_with(run_path, state["model"], str(ckpt))
+        model, decomposition, config, task = _model_with(run_path, state["model"], str(ckpt))
         torch.set_num_threads(threads if threads is not None else config.threads)
         final = final_eval(model, task, config)
     finally:
         torch.set_num_threads(before)
     summary = {
         **_summary(
-            run_path, config, model, config.decomposition or task.decomposition(config.C),
-            len(state["rng"]["masks"]), final,
+            run_path, config, model, decomposition, len(state["rng"]["masks"]), final,
             train_s=float(meta.get("train_seconds", 0.0)), steps_done=step,
             wall_s=float(meta.get("wall_seconds", 0.0)),
         ),

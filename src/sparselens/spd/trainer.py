@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sparselens.core import distributed as D
-from sparselens.spd.component_model import ComponentModel
+from sparselens.spd.component_model import ComponentModel, DecomposedModule
 from sparselens.spd.config import SPDRunConfig
 from sparselens.spd.losses import compute_losses, faithfulness
 from sparselens.spd.tasks import Task
@@ -49,6 +49,20 @@ def mask_seed(seed: int, rank: int) -> int:
     return (seed + _MASK_SEED_STRIDE * (rank + 1)) % (2**63)
 
 
+def build_model(config: SPDRunConfig, task: Task) -> tuple[ComponentModel, list[DecomposedModule]]:
+    """The run's component model over ``task.target`` (which it takes over; components drawn
+    from the current torch RNG) and its decomposition: the config's, or the task's default."""
+    decomposition = list(config.decomposition or task.decomposition(config.C))
+    model = ComponentModel(
+        task.target, decomposition, ci_fn=config.ci_fn, ci_hidden=list(config.ci_hidden)
+    )
+    if config.compile_ci:
+        for fn in model.ci_fns.values():
+            if hasattr(fn, "compiled"):
+                fn.compiled = True
+    return model, decomposition
+
+
 class SPDTrainer:
     """Component model, optimiser, generators and the step counter of one SPD run."""
 
@@ -63,15 +77,7 @@ class SPDTrainer:
             )
         self.local_batch = config.batch_size // self.world
         seed_everything(config.seed)
-        decomposition = config.decomposition or task.decomposition(config.C)
-        self.decomposition = decomposition
-        self.model = ComponentModel(
-            task.target, decomposition, ci_fn=config.ci_fn, ci_hidden=list(config.ci_hidden)
-        )
-        if config.compile_ci:
-            for fn in self.model.ci_fns.values():
-                if hasattr(fn, "compiled"):
-                    fn.compiled = True
+        self.model, self.decomposition = build_model(config, task)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # fused: one kernel for every parameter instead of ~8 small ops per parameter
@@ -254,4 +260,4 @@ class SPDTrainer:
         self.step = int(state["step"])
 
 
-__all__ = ["SPDTrainer", "mask_seed"]
+__all__ = ["SPDTrainer", "build_model", "mask_seed"]
