@@ -10,7 +10,7 @@ import torch
 
 from sparselens.spd import trainer as trainer_mod
 from sparselens.spd.config import SPDRunConfig
-from sparselens.spd.evaluate import ce_unrecovered, ci_patterns
+from sparselens.spd.evaluate import ce_unrecovered, ci_patterns, pattern_errors
 from sparselens.spd.metrics import UnitGatedCI
 from sparselens.spd.run import FINAL_WEIGHTS, load_run, run_spd
 from sparselens.spd.tasks import load_task
@@ -338,12 +338,64 @@ def test_warmup_reduces_faithfulness_on_u_v_only(tms_task):
 def test_ci_patterns_of_the_toys():
     task = load_task("tms_5-2_id")
     t = SPDTrainer(tiny(target="tms_5-2_id", decomposition=None, C=4), task)
-    pats = [(p.label, p.kind, p.k) for p in ci_patterns(task, t.model)]
+    pats = [(p.module, p.kind, p.k) for p in ci_patterns(task, t.model)]
     assert pats == [
         ("linear1", "identity", None),
         ("hidden_layers.0", "dense", 2),
         ("linear2", "identity", None),
     ]
+
+
+def _resid_names(n_layers: int) -> list[str]:
+    return [f"layers.{i}.mlp_{io}" for i in range(n_layers) for io in ("in", "out")]
+
+
+def test_ci_patterns_of_resid_mlp_are_per_layer():
+    """ResidMLP's patterns are per decomposed matrix, as in the paper (§4.3: "subcomponents in
+    both W_in^1 and W_in^2 that are causally important for computing each function") and the
+    reference (one IdentityCIPattern / DenseCIPattern per module its glob matches): every
+    ``mlp_in`` identity over the features, every ``mlp_out`` dense with k = d_mlp."""
+    from types import SimpleNamespace
+
+    task = SimpleNamespace(kind="resid_mlp", info={"target_config": {"d_mlp": 25}})
+    model = SimpleNamespace(names=_resid_names(2))
+    pats = [(p.module, p.kind, p.k) for p in ci_patterns(task, model)]
+    assert pats == [
+        ("layers.0.mlp_in", "identity", None),
+        ("layers.0.mlp_out", "dense", 25),
+        ("layers.1.mlp_in", "identity", None),
+        ("layers.1.mlp_out", "dense", 25),
+    ]
+
+
+def test_paper_decomposition_of_resid_mlp2_has_no_ci_error():
+    """The paper's ResidMLP-2L solution on one-hot inputs -- one subcomponent per feature in
+    EACH layer's W_in (a component spanning both layers), W_out one rank-50 block of 25
+    co-active subcomponents per layer -- scores 0. Catches the variant that concatenates the
+    layers' CI columns and asks for one subcomponent per feature in all of them (100 errors
+    here, one per feature)."""
+    from types import SimpleNamespace
+
+    n, C, d_mlp = 100, 400, 25
+    task = SimpleNamespace(kind="resid_mlp", info={"target_config": {"d_mlp": d_mlp}})
+    model = SimpleNamespace(names=_resid_names(2))
+    gen = torch.Generator().manual_seed(0)
+    one_hot = {}
+    for i in range(2):
+        w_in = torch.zeros(n, C)
+        w_in[torch.arange(n), torch.randperm(C, generator=gen)[:n]] = 1.0
+        w_out = torch.zeros(n, C)
+        w_out[:, torch.randperm(C, generator=gen)[:d_mlp]] = 1.0
+        one_hot[f"layers.{i}.mlp_in"], one_hot[f"layers.{i}.mlp_out"] = w_in, w_out
+    errs = pattern_errors(ci_patterns(task, model), one_hot, 0.1)
+    assert errs == {name: 0 for name in _resid_names(2)}
+    # a stray entry in layer 1's W_in and a missing column in layer 0's W_out are counted
+    one_hot["layers.1.mlp_in"][3, (one_hot["layers.1.mlp_in"][3] == 0).nonzero()[0]] = 0.5
+    col = one_hot["layers.0.mlp_out"].sum(0).nonzero()[0]
+    one_hot["layers.0.mlp_out"][:, col] = 0.0
+    errs = pattern_errors(ci_patterns(task, model), one_hot, 0.1)
+    assert errs["layers.1.mlp_in"] == 1 and errs["layers.0.mlp_out"] == 1
+    assert errs["layers.0.mlp_in"] == errs["layers.1.mlp_out"] == 0
 
 
 def test_ce_unrecovered():

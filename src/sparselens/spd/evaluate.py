@@ -17,9 +17,11 @@ histograms, and
 
 Which layers follow which one-hot pattern: TMS ``linear1`` / ``linear2`` identity, the hidden
 identity ``hidden_layers.0`` dense with k = n_hidden (the identity splits into n_hidden
-subcomponents, all co-active); ResidMLP all ``mlp_in`` layers together identity (one
-subcomponent per feature, spread over layers), all ``mlp_out`` layers together dense with
-k = n_layers x d_mlp (one rank-d_mlp block spanning layers).
+subcomponents, all co-active); ResidMLP every ``layers.i.mlp_in`` identity (one subcomponent
+per feature in each layer: a feature's component spans the layers whose neurons compute it,
+paper §4.3) and every ``layers.i.mlp_out`` dense with k = d_mlp (the rank-d_mlp block, spanning
+the layers). Patterns are per matrix, as in the reference (one pattern per module its glob
+matches); a group's error is the sum.
 
 Evaluations draw from their own generators (seeds ``seed + 1`` ..) inside
 ``torch.random.fork_rng``: they are reproducible and leave the training RNG streams untouched.
@@ -52,10 +54,9 @@ HIST_VALUES = 200_000
 
 @dataclass
 class CIPattern:
-    """One-hot CI pattern expected of a group of layers (their CI columns concatenated)."""
+    """One-hot CI pattern expected of one decomposed matrix."""
 
-    label: str
-    modules: list[str]
+    module: str
     kind: Literal["identity", "dense"]
     k: int | None = None
 
@@ -65,22 +66,19 @@ def ci_patterns(task: Task, model: ComponentModel) -> list[CIPattern]:
     names = list(model.names)
     cfg = task.info.get("target_config", {})
     if task.kind == "tms":
-        out = []
-        for n in names:
-            if n.startswith("hidden_layers"):
-                out.append(CIPattern(n, [n], "dense", int(cfg["n_hidden"])))
-            else:
-                out.append(CIPattern(n, [n], "identity"))
-        return out
+        return [
+            CIPattern(n, "dense", int(cfg["n_hidden"]))
+            if n.startswith("hidden_layers")
+            else CIPattern(n, "identity")
+            for n in names
+        ]
     if task.kind == "resid_mlp":
-        ins = [n for n in names if n.endswith("mlp_in")]
-        outs = [n for n in names if n.endswith("mlp_out")]
-        out = []
-        if ins:
-            out.append(CIPattern("mlp_in", ins, "identity"))
-        if outs:
-            out.append(CIPattern("mlp_out", outs, "dense", int(cfg["d_mlp"]) * len(outs)))
-        return out
+        d_mlp = int(cfg["d_mlp"])
+        return [
+            CIPattern(n, "identity") if n.endswith("mlp_in") else CIPattern(n, "dense", d_mlp)
+            for n in names
+            if n.endswith(("mlp_in", "mlp_out"))
+        ]
     return []
 
 
@@ -137,16 +135,16 @@ def cheap_eval(
 def pattern_errors(
     patterns: list[CIPattern], one_hot: dict[str, Tensor], tol: float
 ) -> dict[str, int]:
-    """IdentityCIError / DenseCIError of each pattern's one-hot CI (columns of its layers
-    concatenated); patterns with fewer components than they need are left out."""
+    """IdentityCIError / DenseCIError of each pattern's one-hot CI, by module; patterns with
+    fewer components than they need are left out."""
     out = {}
     for pat in patterns:
-        ci = torch.cat([one_hot[n] for n in pat.modules], dim=1)
+        ci = one_hot[pat.module]
         if pat.kind == "identity":
             if ci.shape[1] >= ci.shape[0]:
-                out[pat.label] = M.identity_ci_error(ci, tol=tol)
+                out[pat.module] = M.identity_ci_error(ci, tol=tol)
         elif pat.k is not None and ci.shape[1] >= pat.k:
-            out[pat.label] = M.dense_ci_error(ci, pat.k, tol=tol)
+            out[pat.module] = M.dense_ci_error(ci, pat.k, tol=tol)
     return out
 
 
@@ -239,7 +237,7 @@ def _toy_metrics(
     result.one_hot = one_hot
     patterns = ci_patterns(task, model)
     result.patterns = patterns
-    kinds = {p.label: p.kind for p in patterns}
+    kinds = {p.module: p.kind for p in patterns}
     m = result.metrics
     for tol, suffix in ((0.1, ""), (0.2, "_0p2")):
         errs = pattern_errors(patterns, one_hot, tol)

@@ -160,7 +160,7 @@ def write_plots(stage: Path, records: list[dict[str, Any]], final: FinalEval) ->
     plot_losses(plots / "losses.png", records)
     plot_ci_l0(plots / "ci_l0.png", records)
     out += ["plots/losses.png", "plots/ci_l0.png"]
-    kinds = {m: p.kind for p in final.patterns for m in p.modules}
+    kinds = {p.module: p.kind for p in final.patterns}
     for layer, ci in final.one_hot.items():
         name = f"plots/ci_one_hot_{_fname(layer)}.png"
         plot_one_hot(stage / name, layer, ci, kinds.get(layer, "identity"))
