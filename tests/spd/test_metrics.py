@@ -83,6 +83,23 @@ def test_count_non_negligible_is_relative_to_max_and_strict():
         M.count_non_negligible(norms, 1.5)
 
 
+def test_count_active_counts_columns_on_for_some_input_strictly_above_tol():
+    """A subcomponent counts once however many inputs it is on for, and only strictly above
+    ``tol``. Catches counting entries instead of columns (4 here) and ``>=`` (3 here)."""
+    ci = torch.tensor(
+        [
+            [1.0, 0.0, 0.10, 0.0],
+            [0.9, 0.0, 0.0, 0.0],
+            [0.0, 0.2, 0.0, 0.1],
+        ]
+    )
+    assert M.count_active(ci, 0.1) == 2
+    assert M.count_active(ci, 0.0) == 4
+    assert M.count_active(torch.zeros(3, 5), 0.1) == 0
+    with pytest.raises(ValueError, match="tol"):
+        M.count_active(ci, 1.0)
+
+
 # -- MMCS / ML2R --------------------------------------------------------------------------------
 
 

@@ -74,6 +74,8 @@ def test_run_directory_layout(completed):
                 "non_negligible", "recon", "step_ms", "train_seconds"):  # fmt: skip
         assert key in saved, key
     assert set(saved["ci_l0"]) == {"linear1", "linear2"}
+    assert set(saved["one_hot_active"]) == {"linear1", "linear2"}
+    assert all(0 <= v <= 6 for v in saved["one_hot_active"].values())
     assert set(saved["recon"]) == {"unmasked", "ci", "rounded", "stochastic", "zero", "random"}
     assert saved["mmcs"] == s["mmcs"] and 0.0 <= s["mmcs"] <= 1.0
     report = (out / "report.md").read_text()

@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {
     "ci_l0": "metrics",
     "mmcs_ml2r": "metrics",
     "subcomponent_norms": "metrics",
+    "count_active": "metrics",
     "count_non_negligible": "metrics",
     "identity_ci_error": "metrics",
     "dense_ci_error": "metrics",

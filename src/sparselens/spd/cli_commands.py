@@ -254,10 +254,14 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     ]
     if "mmcs" in s:
         lines.append(f"  MMCS {s['mmcs']:.5f}, ML2R {s['ml2r']:.4f} ({s['layers'][0]})")
+    active = s.get("one_hot_active")
     per_layer = ", ".join(
-        f"{n} {s['ci_l0'][n]:.3f} ({s['non_negligible'][n]})" for n in s["layers"]
+        f"{n} {s['ci_l0'][n]:.3f} ({s['non_negligible'][n]}"
+        + (f" / {active[n]})" if active else ")")
+        for n in s["layers"]
     )
-    lines.append(f"  CI-L0 (non-negligible subcomponents) per layer: {per_layer}")
+    what = "non-negligible / active on one-hot inputs" if active else "non-negligible"
+    lines.append(f"  CI-L0 per layer (subcomponents {what}): {per_layer}")
     if "identity_ci_error" in s:
         errs = {**s["identity_ci_error"], **s["dense_ci_error"]}
         detail = ", ".join(f"{k} {v}" for k, v in errs.items())

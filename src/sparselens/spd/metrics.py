@@ -194,6 +194,15 @@ def identity_ci_error(
     return off + on
 
 
+def count_active(ci: Tensor, tol: float = 0.1) -> int:
+    """Subcomponents causally important (CI > ``tol``) on at least one input of the one-hot CI
+    matrix ``ci`` (n_inputs, C): those carrying the layer's computation, whatever their norm
+    (with a delta component an unused subcomponent keeps its initial norm)."""
+    ci = _check_ci_matrix(ci)
+    t = check_number("tol", tol, ge=0.0, lt=1.0)
+    return int((ci > t).any(dim=0).sum())
+
+
 def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1, min_entries: int = 1) -> int:
     """Entries of the one-hot CI matrix ``ci`` (n_inputs, C >= k) off the dense-``k`` pattern.
 
@@ -351,6 +360,7 @@ __all__ = [
     "ci_l0",
     "ci_per_unit",
     "column_cosines",
+    "count_active",
     "count_non_negligible",
     "dense_ci_error",
     "identity_ci_error",

@@ -231,12 +231,16 @@ def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -
             f"**MMCS {m['mmcs']:.5f}, ML2R {m['ml2r']:.4f}** (W_in = `{s['layers'][0]}`{ref})",
             "",
         ]
-    lines += ["| layer | CI-L0 | non-negligible | MMCS | ML2R |", "|---|---|---|---|---|"]
+    lines += [
+        "| layer | CI-L0 | non-negligible | active on one-hot inputs | MMCS | ML2R |",
+        "|---|---|---|---|---|---|",
+    ]
     for layer in s["layers"]:
         mm = m.get("mmcs_per_layer", {}).get(layer)
         ml = m.get("ml2r_per_layer", {}).get(layer)
+        act = m.get("one_hot_active", {}).get(layer, "—")
         lines.append(
-            f"| `{layer}` | {m['ci_l0'][layer]:.3f} | {m['non_negligible'][layer]} | "
+            f"| `{layer}` | {m['ci_l0'][layer]:.3f} | {m['non_negligible'][layer]} | {act} | "
             f"{_g(mm, 6) if mm is not None else '—'} | {_g(ml, 4) if ml is not None else '—'} |"
         )
     lines.append("")
