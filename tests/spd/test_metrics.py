@@ -452,3 +452,78 @@ def test_ci_per_unit_takes_the_largest_ci_of_the_aligned_readers():
     )
     with pytest.raises(ValueError, match="ci"):
         M.ci_per_unit(torch.ones(2, 3), V)
+
+
+# -- ResidMLP neuron contributions (paper Figs 7 and 10) ------------------------------------------
+
+
+def _contributions_reference(W_E, w_in, w_out, V, U, w_out_spd):
+    """The paper's definitions with explicit loops (float64): the target's contribution of
+    neuron n to feature i is ``(W_E[i] . W_in[n, :]) * (W_E[i] . W_out[:, n])``; a W_in
+    subcomponent c's is ``(W_E[i] . V[:, c]) U[c, n] * (W_E[i] . W_out_spd[:, n])``, and each
+    feature is shown with the subcomponent of the largest contribution to any neuron."""
+    W_E, w_in, w_out, V, U, w_out_spd = (t.double() for t in (W_E, w_in, w_out, V, U, w_out_spd))
+    n_f, d_mlp, C = W_E.shape[0], w_in.shape[0], V.shape[1]
+    target = torch.zeros(n_f, d_mlp, dtype=torch.float64)
+    spd = torch.zeros(n_f, d_mlp, dtype=torch.float64)
+    best = []
+    for i in range(n_f):
+        for n in range(d_mlp):
+            target[i, n] = (W_E[i] @ w_in[n]) * (W_E[i] @ w_out[:, n])
+        scores = []
+        for c in range(C):
+            row = [(W_E[i] @ V[:, c]) * U[c, n] * (W_E[i] @ w_out_spd[:, n]) for n in range(d_mlp)]
+            scores.append((max(float(v) for v in row), row))
+        k = max(range(C), key=lambda c: scores[c][0])
+        best.append(k)
+        spd[i] = torch.stack(scores[k][1])
+    return target, spd, best
+
+
+def test_neuron_contributions_match_a_loop_reference():
+    """Target and best-subcomponent contributions, the chosen subcomponents, the slope through
+    the origin and R^2 about y = x against loops. Catches using the target's W_out on the SPD
+    side (the paper uses the components' W_out), summing all W_in subcomponents instead of
+    taking the best one (that is the target's contribution again), and choosing it by |V_c|."""
+    g = torch.Generator().manual_seed(0)
+    n_f, d_embed, d_mlp, C = 6, 9, 4, 8
+    W_E = torch.randn(n_f, d_embed, generator=g)
+    w_in, w_out = torch.randn(d_mlp, d_embed, generator=g), torch.randn(d_embed, d_mlp, generator=g)
+    V, U = torch.randn(d_embed, C, generator=g), torch.randn(C, d_mlp, generator=g)
+    w_out_spd = w_out + 0.3 * torch.randn(d_embed, d_mlp, generator=g)
+    r = M.neuron_contributions(W_E, w_in, w_out, V, U, w_out_spd)
+    target, spd, best = _contributions_reference(W_E, w_in, w_out, V, U, w_out_spd)
+    torch.testing.assert_close(r.target.double(), target, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.spd.double(), spd, rtol=1e-5, atol=1e-5)
+    assert r.component.tolist() == best
+    slope = float((spd * target).sum() / (target**2).sum())
+    r2 = float(1 - ((spd - target) ** 2).sum() / (target**2).sum())
+    assert r.slope == pytest.approx(slope, rel=1e-5)
+    assert r.r2 == pytest.approx(r2, rel=1e-5, abs=1e-6)
+
+
+def test_per_feature_decomposition_reproduces_the_target_contributions():
+    """W_in = A W_E split into one subcomponent per feature (V_i = W_E[i], U_i = A[:, i]) with
+    orthonormal embedding rows and W_out_spd = W_out: every contribution is the target's (slope
+    1, R^2 1), and feature i is shown with subcomponent i."""
+    g = torch.Generator().manual_seed(1)
+    n_f, d_embed, d_mlp = 5, 12, 3
+    W_E = torch.linalg.qr(torch.randn(d_embed, n_f, generator=g))[0].T.contiguous()
+    A = torch.rand(d_mlp, n_f, generator=g) + 0.1
+    w_in = A @ W_E
+    w_out = W_E.T @ (torch.rand(n_f, d_mlp, generator=g) + 0.1)
+    V, U = W_E.T.contiguous(), A.T.contiguous()
+    r = M.neuron_contributions(W_E, w_in, w_out, V, U, w_out)
+    torch.testing.assert_close(r.spd, r.target, rtol=1e-4, atol=1e-6)
+    assert r.component.tolist() == list(range(n_f))
+    assert r.slope == pytest.approx(1.0, abs=1e-4) and r.r2 == pytest.approx(1.0, abs=1e-4)
+
+
+def test_neuron_contributions_reject_mismatched_shapes():
+    W_E = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="w_in"):
+        M.neuron_contributions(W_E, torch.randn(3, 5), torch.randn(6, 3), torch.randn(6, 2),
+                               torch.randn(2, 3), torch.randn(6, 3))  # fmt: skip
+    with pytest.raises(ValueError, match="U"):
+        M.neuron_contributions(W_E, torch.randn(3, 6), torch.randn(6, 3), torch.randn(6, 2),
+                               torch.randn(2, 4), torch.randn(6, 3))  # fmt: skip

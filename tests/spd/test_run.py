@@ -471,6 +471,11 @@ def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypa
     assert set(gating) == set(UnitGatedCI._fields)
     assert "layers.0.mlp_out`: " in (out / "report.md").read_text()
     assert (out / "plots" / "neurons_layers-0-mlp_out.png").stat().st_size > 0
+    contrib = summary["neuron_contributions"]["layers.0.mlp_in"]
+    assert set(contrib) == {"slope", "r2"} and all(math.isfinite(v) for v in contrib.values())
+    assert "`layers.0.mlp_in` neuron contributions" in (out / "report.md").read_text()
+    assert (out / "plots" / "neuron_contributions.png").stat().st_size > 0
+    assert summary["one_hot_active"]["layers.0.mlp_in"] <= 100
     model, _, task = load_run(out)
     x = task.sample(8, torch.Generator().manual_seed(0))
     assert model.target_output(x)[0].shape == (8, 100)

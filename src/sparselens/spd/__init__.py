@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "load_target": "targets.io",
     "ci_l0": "metrics",
     "mmcs_ml2r": "metrics",
+    "neuron_contributions": "metrics",
     "subcomponent_norms": "metrics",
     "count_active": "metrics",
     "count_non_negligible": "metrics",

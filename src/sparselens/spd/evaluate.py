@@ -159,6 +159,9 @@ class FinalEval:
     patterns: list[CIPattern] = field(default_factory=list)
     neurons: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """ResidMLP ``mlp_out``: one-hot ReLU neuron activations and CI per neuron, both (n, d_mlp)."""
+    contributions: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """ResidMLP ``mlp_in``: neuron contributions of the target and of each feature's best
+    subcomponent, both (n_features, d_mlp) (``metrics.neuron_contributions``)."""
 
 
 def _target_weight(comp: Any) -> Tensor:
@@ -258,6 +261,7 @@ def _toy_metrics(
         outs = [n for n in model.names if n.endswith("mlp_out")]
         if outs:
             m["mlp_out_neurons"] = _neuron_gating(model, inputs, outs, result)
+        m["neuron_contributions"] = _contributions(model, task, result)
 
 
 def _neuron_gating(
@@ -274,6 +278,28 @@ def _neuron_gating(
         r = M.unit_gated_ci(ci, inputs[name], comp.V, keep=keep, tol=CI_THRESHOLD)
         out[name] = r._asdict()
         result.neurons[name] = (inputs[name], M.ci_per_unit(ci, comp.V, keep=keep))
+    return out
+
+
+def _contributions(
+    model: ComponentModel, task: Task, result: FinalEval
+) -> dict[str, dict[str, float]]:
+    """Per decomposed ResidMLP ``mlp_in``: slope and R^2 of its best subcomponents' neuron
+    contributions against the target's (the paper's Figs 7 and 10); the layer's ``W_out`` on the
+    SPD side is its components' implied weight where it is decomposed, else the target's."""
+    out = {}
+    for name in model.names:
+        if not name.endswith("mlp_in"):
+            continue
+        out_name = name[: -len("mlp_in")] + "mlp_out"
+        w_out = task.target.get_submodule(out_name).weight.detach()
+        w_out_spd = model.component(out_name).weight() if out_name in model.names else w_out
+        comp = model.component(name)
+        r = M.neuron_contributions(
+            task.target.W_E, _target_weight(comp), w_out, comp.V, comp.U, w_out_spd
+        )
+        out[name] = {"slope": r.slope, "r2": r.r2}
+        result.contributions[name] = (r.target, r.spd)
     return out
 
 

@@ -294,6 +294,63 @@ def ci_per_unit(ci: Tensor, V: Tensor, *, keep: Tensor | None = None, align: flo
     return out.scatter_reduce(1, idx, ci.detach()[:, chosen], reduce="amax")
 
 
+class NeuronContributions(NamedTuple):
+    """Result of :func:`neuron_contributions`."""
+
+    target: Tensor
+    """(n_features, d_mlp): the target's contribution of each neuron to each feature."""
+    spd: Tensor
+    """(n_features, d_mlp): the same for each feature's best W_in subcomponent."""
+    component: Tensor
+    """(n_features,) long: that subcomponent."""
+    slope: float
+    """Least-squares slope through the origin of ``spd`` on ``target`` (1: no skew)."""
+    r2: float
+    """``1 - sum (spd - target)^2 / sum target^2``: R^2 about the line y = x."""
+
+
+def neuron_contributions(
+    W_E: Tensor, w_in: Tensor, w_out: Tensor, V: Tensor, U: Tensor, w_out_spd: Tensor
+) -> NeuronContributions:
+    """ResidMLP neuron contributions of the target and of SPD's W_in subcomponents (paper §4.2,
+    the equations above Fig. 6; Figs 7 and 10 plot one against the other).
+
+    Target: ``(W_E[i] . W_in[n, :]) (W_E[i] . W_out[:, n])`` for feature ``i`` and neuron ``n``
+    (``W_U = W_E^T``). Subcomponent ``c`` of W_in (``V[:, c] U[c, :]``, the implied weight being
+    ``(V U)^T``): ``(W_E[i] . V[:, c]) U[c, n] (W_E[i] . W_out_spd[:, n])``, with ``W_out_spd``
+    the components' implied ``W_out``; each feature takes the subcomponent with the largest
+    contribution to any neuron, as the reference's plots do. Shapes: ``W_E`` (F, d_embed),
+    ``w_in`` (d_mlp, d_embed), ``w_out`` and ``w_out_spd`` (d_embed, d_mlp), ``V`` (d_embed, C),
+    ``U`` (C, d_mlp).
+    """
+    n_f, d_embed = _matrix("W_E", W_E).shape
+    d_mlp = _matrix("w_in", w_in).shape[0]
+    if w_in.shape[1] != d_embed:
+        raise ValueError(
+            f"w_in must have shape (d_mlp, d_embed={d_embed}), got {tuple(w_in.shape)}"
+        )
+    for name, t in (("w_out", w_out), ("w_out_spd", w_out_spd)):
+        if _matrix(name, t).shape != (d_embed, d_mlp):
+            raise ValueError(f"{name} must have shape ({d_embed}, {d_mlp}), got {tuple(t.shape)}")
+    C = _matrix("V", V).shape[1]
+    if V.shape[0] != d_embed:
+        raise ValueError(f"V must have shape (d_embed={d_embed}, C), got {tuple(V.shape)}")
+    if _matrix("U", U).shape != (C, d_mlp):
+        raise ValueError(f"U must have shape (C={C}, d_mlp={d_mlp}), got {tuple(U.shape)}")
+    E = W_E.detach()
+    target = (E @ w_in.detach().T) * (E @ w_out.detach())
+    reads = E @ V.detach()  # (F, C)
+    writes = E @ w_out_spd.detach()  # (F, d_mlp)
+    each = reads[:, :, None] * U.detach()[None] * writes[:, None, :]  # (F, C, d_mlp)
+    best = each.amax(dim=2).argmax(dim=1)
+    spd = each[torch.arange(n_f), best]
+    t, y = target.double(), spd.double()
+    tt = float((t * t).sum())
+    slope = float((y * t).sum()) / tt if tt > 0 else math.nan
+    r2 = 1.0 - float(((y - t) ** 2).sum()) / tt if tt > 0 else math.nan
+    return NeuronContributions(target, spd, best, slope, r2)
+
+
 class UnitGatedCI(NamedTuple):
     """Result of :func:`unit_gated_ci` (probabilities NaN where no pair is counted)."""
 
@@ -356,6 +413,7 @@ def unit_gated_ci(
 
 __all__ = [
     "HUNGARIAN_MAX_DIM",
+    "NeuronContributions",
     "UnitGatedCI",
     "ci_l0",
     "ci_per_unit",
@@ -365,6 +423,7 @@ __all__ = [
     "dense_ci_error",
     "identity_ci_error",
     "mmcs_ml2r",
+    "neuron_contributions",
     "non_negligible",
     "one_hot_ci",
     "one_hot_inputs",

@@ -5,7 +5,8 @@ against the step, log scale), ``ci_l0.png`` (CI-L0 per layer over training),
 ``ci_one_hot_<layer>.png`` (toys: CI on one-hot inputs, columns permuted to the expected
 pattern), ``component_norms.png`` (subcomponent norms per layer, sorted) and
 ``ci_histograms.png`` (lower-leaky CI values of the final evaluation, per layer) and, for a
-ResidMLP ``mlp_out``, ``neurons_<layer>.png`` (one-hot neuron firing beside the CI per neuron).
+ResidMLP ``mlp_out``, ``neurons_<layer>.png`` (one-hot neuron firing beside the CI per neuron)
+and ``neuron_contributions.png`` (the target's against the W_in subcomponents', paper Figs 7, 10).
 """
 
 from __future__ import annotations
@@ -122,6 +123,25 @@ def plot_neurons(path: Path, layer: str, acts: Tensor, ci: Tensor) -> None:
     save_figure(fig, path)
 
 
+def plot_contributions(path: Path, pairs: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """ResidMLP: each neuron's contribution to each feature in the target (x) against the same
+    in the feature's best W_in subcomponent (y), one colour per layer, and y = x (Figs 7, 10)."""
+    fig = _figure((6.5, 6.5))
+    ax = fig.subplots()
+    lo = hi = 0.0
+    for layer, (target, spd) in pairs.items():
+        x, y = target.detach().cpu().flatten(), spd.detach().cpu().flatten()
+        ax.scatter(x.numpy(), y.numpy(), s=6, alpha=0.35, edgecolors="none", label=layer)
+        lo = min(lo, float(x.min()), float(y.min()))
+        hi = max(hi, float(x.max()), float(y.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    ax.set(xlabel="target model", ylabel="best W_in subcomponent")
+    ax.set_title("neuron contributions per (feature, neuron)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def plot_component_norms(path: Path, norms: dict[str, Tensor]) -> None:
     """Subcomponent norms per layer, sorted descending (non-negligible: > 0.1 x max)."""
     fig = _figure((7, 4.5))
@@ -169,6 +189,9 @@ def write_plots(stage: Path, records: list[dict[str, Any]], final: FinalEval) ->
         name = f"plots/neurons_{_fname(layer)}.png"
         plot_neurons(stage / name, layer, acts, ci)
         out.append(name)
+    if final.contributions:
+        plot_contributions(plots / "neuron_contributions.png", final.contributions)
+        out.append("plots/neuron_contributions.png")
     plot_component_norms(plots / "component_norms.png", final.norms)
     plot_ci_histograms(plots / "ci_histograms.png", final.ci_values)
     out += ["plots/component_norms.png", "plots/ci_histograms.png"]
@@ -263,6 +286,12 @@ def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -
             f"{_pct(g['firing_mass_on'])} of the firing neurons' activation).",
             "",
         ]
+    for layer, c in m.get("neuron_contributions", {}).items():
+        lines += [
+            f"`{layer}` neuron contributions, each feature's best subcomponent against the target "
+            f"(paper Figs 7, 10): slope {c['slope']:.3f}, R² about y = x {c['r2']:.3f}.",
+            "",
+        ]
     rec = m["recon"]
     lines += [
         "| mask | " + " | ".join(rec) + " |",
@@ -300,6 +329,7 @@ __all__ = [
     "plot_ci_histograms",
     "plot_ci_l0",
     "plot_component_norms",
+    "plot_contributions",
     "plot_losses",
     "plot_neurons",
     "plot_one_hot",
