@@ -519,6 +519,22 @@ def test_per_feature_decomposition_reproduces_the_target_contributions():
     assert r.slope == pytest.approx(1.0, abs=1e-4) and r.r2 == pytest.approx(1.0, abs=1e-4)
 
 
+def test_contribution_slope_and_r2_by_hand():
+    """A decomposition whose subcomponents carry half of each feature's weights: every
+    contribution is half the target's, so the slope through the origin is 0.5 and R^2 about
+    y = x is 1 - sum (t/2)^2 / sum t^2 = 0.75. Catches the squared correlation (1.0 for any
+    exact proportionality), the centred 1 - SSE / sum (t - mean t)^2 (below 0.75: every t > 0
+    here) and the slope of target on spd (2)."""
+    g = torch.Generator().manual_seed(2)
+    n_f, d_embed, d_mlp = 4, 10, 3
+    W_E = torch.linalg.qr(torch.randn(d_embed, n_f, generator=g))[0].T.contiguous()
+    A = torch.rand(d_mlp, n_f, generator=g) + 0.1
+    w_out = W_E.T @ (torch.rand(n_f, d_mlp, generator=g) + 0.1)
+    r = M.neuron_contributions(W_E, A @ W_E, w_out, W_E.T.contiguous(), 0.5 * A.T, w_out)
+    assert r.slope == pytest.approx(0.5, abs=1e-5)
+    assert r.r2 == pytest.approx(0.75, abs=1e-5)
+
+
 def test_neuron_contributions_reject_mismatched_shapes():
     W_E = torch.randn(4, 6)
     with pytest.raises(ValueError, match="w_in"):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sparselens.spd import metrics as M
 from sparselens.spd import trainer as trainer_mod
 from sparselens.spd.config import SPDRunConfig
 from sparselens.spd.evaluate import ce_unrecovered, ci_patterns, pattern_errors
@@ -74,8 +75,12 @@ def test_run_directory_layout(completed):
                 "non_negligible", "recon", "step_ms", "train_seconds"):  # fmt: skip
         assert key in saved, key
     assert set(saved["ci_l0"]) == {"linear1", "linear2"}
-    assert set(saved["one_hot_active"]) == {"linear1", "linear2"}
-    assert all(0 <= v <= 6 for v in saved["one_hot_active"].values())
+    model, config, task = load_run(out)
+    one_hot = M.one_hot_ci(model, task.n_features, config.one_hot_magnitude)
+    assert saved["one_hot_active"] == {  # recounted: CI > 0.1 on some one-hot input
+        n: int(sum(bool((ci[:, c] > 0.1).any()) for c in range(ci.shape[1])))
+        for n, ci in one_hot.items()
+    }
     assert set(saved["recon"]) == {"unmasked", "ci", "rounded", "stochastic", "zero", "random"}
     assert saved["mmcs"] == s["mmcs"] and 0.0 <= s["mmcs"] <= 1.0
     report = (out / "report.md").read_text()
@@ -475,10 +480,17 @@ def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypa
     assert set(contrib) == {"slope", "r2"} and all(math.isfinite(v) for v in contrib.values())
     assert "`layers.0.mlp_in` neuron contributions" in (out / "report.md").read_text()
     assert (out / "plots" / "neuron_contributions.png").stat().st_size > 0
-    assert summary["one_hot_active"]["layers.0.mlp_in"] <= 100
     model, _, task = load_run(out)
     x = task.sample(8, torch.Generator().manual_seed(0))
     assert model.target_output(x)[0].shape == (8, 100)
+    # wiring: the target's own weights and W_E, the components of both matrices of the layer
+    target = task.target.layers[0]
+    c_in, c_out = model.component("layers.0.mlp_in"), model.component("layers.0.mlp_out")
+    r = M.neuron_contributions(task.target.W_E, target.mlp_in.weight, target.mlp_out.weight,
+                               c_in.V, c_in.U, c_out.weight())  # fmt: skip
+    assert contrib == pytest.approx({"slope": r.slope, "r2": r.r2}, rel=1e-6)
+    direct = (task.target.W_E @ target.mlp_in.weight.T) * (task.target.W_E @ target.mlp_out.weight)
+    torch.testing.assert_close(r.target, direct)
 
 
 def test_minigpt_task_windows(monkeypatch):

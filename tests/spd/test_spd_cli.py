@@ -111,3 +111,29 @@ def test_flags_cover_the_scalar_settings():
     names = scalar_fields()
     assert {"steps", "batch_size", "seed", "threads", "target", "C", "ci_fn"} <= set(names)
     assert not {"losses", "decomposition", "lr", "faithfulness_warmup"} & set(names)
+
+
+def _summary(**extra):
+    base = dict(run_dir="runs/x", target="tms_5-2", steps=10, batch_size=8, train_seconds=1.0)
+    base |= dict(step_ms=100.0, wall_seconds=2.0, layers=["a"], recon={"ci": 1e-3})
+    base |= dict(ci_l0={"a": 1.5}, non_negligible={"a": 3})
+    return {**base, **extra}
+
+
+def test_summary_lines_of_old_and_new_summaries():
+    """``spd eval`` / ``--resume`` print saved summaries: one from before ``one_hot_active`` and
+    ``neuron_contributions`` still prints; a new one shows both, NaN saved as "nan" included."""
+    from sparselens.spd.cli_commands import summary_lines
+
+    old = summary_lines(_summary())
+    assert "  CI-L0 per layer (subcomponents non-negligible): a 1.500 (3)" in old
+    assert not any("neuron contributions" in line for line in old)
+    new = summary_lines(
+        _summary(
+            one_hot_active={"a": 2},
+            neuron_contributions={"a": {"slope": 0.96612, "r2": "nan"}},
+        )
+    )
+    what = "non-negligible / active on one-hot inputs"
+    assert f"  CI-L0 per layer (subcomponents {what}): a 1.500 (3 / 2)" in new
+    assert "  neuron contributions vs the target (slope / R² about y = x): a 0.966 / nan" in new

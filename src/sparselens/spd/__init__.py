@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {
     "ci_l0": "metrics",
     "mmcs_ml2r": "metrics",
     "neuron_contributions": "metrics",
+    "NeuronContributions": "metrics",
     "subcomponent_norms": "metrics",
     "count_active": "metrics",
     "count_non_negligible": "metrics",
@@ -73,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "Task": "tasks",
     "load_task": "tasks",
     "SPDTrainer": "trainer",
+    "build_model": "trainer",
     "run_spd": "run",
     "load_run": "run",
 }

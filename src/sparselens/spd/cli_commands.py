@@ -242,8 +242,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _num(x: Any) -> str:
+    """A saved number to 3 decimals; NaN (saved as the string "nan") as it is."""
+    return f"{x:.3f}" if isinstance(x, float | int) else str(x)
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
-    """The lines ``sparselens spd run`` prints."""
+    """The lines ``sparselens spd run`` and ``spd eval`` print."""
     ckpt = s.get("checkpoint_step")
     steps = f"{s['steps']} steps" if ckpt is None else f"step {ckpt} of {s['steps']}"
     lines = [
@@ -266,6 +271,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         errs = {**s["identity_ci_error"], **s["dense_ci_error"]}
         detail = ", ".join(f"{k} {v}" for k, v in errs.items())
         lines.append(f"  one-hot CI error (tol 0.1): {detail}; total {s['ci_error_total']}")
+    contrib = s.get("neuron_contributions")
+    if contrib:
+        detail = ", ".join(f"{k} {_num(v['slope'])} / {_num(v['r2'])}" for k, v in contrib.items())
+        lines.append(f"  neuron contributions vs the target (slope / R² about y = x): {detail}")
     rec = ", ".join(f"{k} {v:.3g}" for k, v in s["recon"].items())
     lines.append(f"  recon: {rec}")
     if "lm" in s:

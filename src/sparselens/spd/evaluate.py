@@ -8,9 +8,12 @@ Final (``final_eval_samples`` fresh samples, sheet §8 and §12): the same plus 
 histograms, and
 
 * toys: one-hot CI matrices (inputs ``magnitude * e_j``) per layer, IdentityCIError /
-  DenseCIError at tolerance 0.1 and 0.2 (Hungarian matching), subcomponent norms and the number
-  of non-negligible subcomponents (norm > 0.1 x the largest), and for TMS MMCS / ML2R of every
-  decomposed matrix against the target's columns (the paper's number is ``linear1``'s, W_in);
+  DenseCIError at tolerance 0.1 and 0.2 (Hungarian matching), the subcomponents active on some
+  one-hot input, subcomponent norms and the number of non-negligible subcomponents (norm > 0.1 x
+  the largest); for TMS MMCS / ML2R of every decomposed matrix against the target's columns (the
+  paper's number is ``linear1``'s, W_in); for ResidMLP whether each ``mlp_out`` subcomponent
+  reads one ReLU neuron and is on when it fires (``mlp_out_neurons``), and the neuron
+  contributions of each ``mlp_in`` (``neuron_contributions``, paper Figs 7 and 10);
 * language models: next-token cross-entropy of the target and under CI / unmasked / rounded /
   zero / random masks, KL to the target, and CE unrecovered
   ``(CE_mask - CE_target) / (CE_zero - CE_target)``.
@@ -19,9 +22,9 @@ Which layers follow which one-hot pattern: TMS ``linear1`` / ``linear2`` identit
 identity ``hidden_layers.0`` dense with k = n_hidden (the identity splits into n_hidden
 subcomponents, all co-active); ResidMLP every ``layers.i.mlp_in`` identity (one subcomponent
 per feature in each layer: a feature's component spans the layers whose neurons compute it,
-paper §4.3) and every ``layers.i.mlp_out`` dense with k = d_mlp (the rank-d_mlp block, spanning
-the layers). Patterns are per matrix, as in the reference (one pattern per module its glob
-matches); a group's error is the sum.
+paper §4.3) and every ``layers.i.mlp_out`` dense with k = d_mlp (its share of the rank
+n_layers x d_mlp block that spans the layers). Patterns are per matrix, as in the reference (one
+pattern per module its glob matches); ``ci_error_total`` sums the matrices' errors.
 
 Evaluations draw from their own generators (seeds ``seed + 1`` ..) inside
 ``torch.random.fork_rng``: they are reproducible and leave the training RNG streams untouched.
@@ -353,4 +356,5 @@ __all__ = [
     "cheap_eval",
     "ci_patterns",
     "final_eval",
+    "pattern_errors",
 ]

@@ -16,6 +16,9 @@ Components follow the :class:`~sparselens.spd.components.LinearComponents` layou
 * :func:`unit_alignment` / :func:`unit_gated_ci`: whether subcomponents read single input units
   (e.g. one ReLU neuron each for a ResidMLP ``mlp_out``) and whether their CI is on exactly when
   that unit fires -- the measured form of "which basis did ``W_out`` split into".
+* :func:`count_active`: subcomponents with CI above ``tol`` on some one-hot input.
+* :func:`neuron_contributions`: ResidMLP neuron contributions of the target against each
+  feature's best ``W_in`` subcomponent (paper Figs 7 and 10).
 
 All run on eval only; they are vectorised and return host numbers where the name says so.
 """
