@@ -625,3 +625,26 @@ def test_evaluate_checkpoint_threads_and_a_pruned_checkpoint(completed, tmp_path
     shutil.rmtree(out)
     shutil.copytree(completed[0], out)
     assert run_mod.evaluate_checkpoint(out, out=tmp_path / "d")["checkpoint_step"] == 6
+
+
+def test_contributions_use_the_target_w_out_where_mlp_out_is_not_decomposed():
+    """Only ``layers.0.mlp_in`` decomposed: the SPD side of the neuron contributions reads the
+    target's own W_out (and W_in, W_E), and the layer is reported under its ``mlp_in`` name."""
+    from types import SimpleNamespace
+
+    from sparselens.spd.component_model import ComponentModel
+    from sparselens.spd.evaluate import FinalEval, _contributions
+    from sparselens.spd.targets.resid_mlp import ResidMLP, ResidMLPConfig
+
+    torch.manual_seed(0)
+    cfg = ResidMLPConfig(n_features=6, d_embed=16, d_mlp=3, n_layers=2, feature_probability=0.2)
+    target = ResidMLP(cfg)
+    w_in = target.layers[0].mlp_in.weight.detach().clone()
+    w_out = target.layers[0].mlp_out.weight.detach().clone()
+    model = ComponentModel(target, [{"pattern": "layers.0.mlp_in", "C": 4}])
+    result = FinalEval(metrics={})
+    out = _contributions(model, SimpleNamespace(target=target), result)
+    comp = model.component("layers.0.mlp_in")
+    r = M.neuron_contributions(target.W_E, w_in, w_out, comp.V, comp.U, w_out)
+    assert out == {"layers.0.mlp_in": pytest.approx({"slope": r.slope, "r2": r.r2}, rel=1e-6)}
+    torch.testing.assert_close(result.contributions["layers.0.mlp_in"][1], r.spd)

@@ -295,12 +295,11 @@ def _contributions(
         if not name.endswith("mlp_in"):
             continue
         out_name = name[: -len("mlp_in")] + "mlp_out"
-        w_out = task.target.get_submodule(out_name).weight.detach()
+        w_in = task.target.get_submodule(name).weight  # the target's (slot modules keep it)
+        w_out = task.target.get_submodule(out_name).weight
         w_out_spd = model.component(out_name).weight() if out_name in model.names else w_out
         comp = model.component(name)
-        r = M.neuron_contributions(
-            task.target.W_E, _target_weight(comp), w_out, comp.V, comp.U, w_out_spd
-        )
+        r = M.neuron_contributions(task.target.W_E, w_in, w_out, comp.V, comp.U, w_out_spd)
         out[name] = {"slope": r.slope, "r2": r.r2}
         result.contributions[name] = (r.target, r.spd)
     return out
