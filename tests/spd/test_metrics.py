@@ -216,6 +216,47 @@ def test_identity_error_hungarian_beats_greedy_hand_case():
     assert M.identity_ci_error(ci) == 1
 
 
+def test_clean_inputs_needs_an_own_fully_on_subcomponent_and_nothing_else():
+    """Row by row: exactly one entry >= 1 - tol, every other entry <= tol, and that column off
+    (<= tol) for every other input. Catches a per-row check without column exclusivity (a
+    subcomponent shared by inputs 2 and 3 would count both: 4 here), ignoring small stray
+    entries (row 1's 0.15: 3 here) and ``>`` instead of ``>=`` at 1 - tol (row 0's 0.9: 1)."""
+    ci = torch.tensor(
+        [
+            [0.9, 0.0, 0.0, 0.0, 0.1],  # clean: 0.9 = 1 - tol is on, 0.1 = tol is off
+            [0.0, 1.0, 0.15, 0.0, 0.0],  # a stray 0.15
+            [0.0, 0.0, 0.0, 1.0, 0.0],  # column 3 is also on for row 3
+            [0.0, 0.0, 0.0, 0.95, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.05],  # nothing on
+        ]
+    )
+    assert M.clean_inputs(ci, 0.1) == 1
+    assert M.clean_inputs(ci, 0.2) == 2  # the stray 0.15 is now below tol
+    assert M.clean_inputs(torch.eye(4)[:, torch.tensor([2, 0, 3, 1])], 0.1) == 4
+    assert M.clean_inputs(torch.zeros(3, 5), 0.1) == 0
+    with pytest.raises(ValueError, match="tol"):
+        M.clean_inputs(ci, 0.5)
+
+
+@SETTINGS
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_clean_inputs_matches_a_loop_and_bounds_the_identity_error(n, C, seed):
+    """Against a plain loop over rows and columns; a CI matrix with identity error 0 has every
+    input clean (catches counting columns, or rows with no entry on)."""
+    rng = np.random.default_rng(seed)
+    ci = rng.choice([0.0, 0.05, 0.5, 0.95, 1.0], size=(n, C))
+    expected = 0
+    for i in range(n):
+        on = [c for c in range(C) if ci[i, c] >= 0.9]
+        rest_off = all(ci[i, c] <= 0.1 for c in range(C) if c not in on)
+        if len(on) == 1 and rest_off and all(ci[j, on[0]] <= 0.1 for j in range(n) if j != i):
+            expected += 1
+    t = torch.from_numpy(ci)
+    assert M.clean_inputs(t, 0.1) == expected
+    if C >= n and M.identity_ci_error(t, 0.1) == 0:
+        assert expected == n
+
+
 def test_identity_error_counts_spare_columns_and_tolerance():
     ci = torch.tensor([[0.85, 0.0, 0.15], [0.0, 1.0, 0.0]])
     assert M.identity_ci_error(ci, tol=0.1) == 2  # 0.85 < 0.9 on the diagonal, 0.15 > 0.1 spare

@@ -81,10 +81,15 @@ def test_run_directory_layout(completed):
         n: int(sum(bool((ci[:, c] > 0.1).any()) for c in range(ci.shape[1])))
         for n, ci in one_hot.items()
     }
+    assert saved["one_hot_clean"] == {  # identity-pattern layers only
+        n: M.clean_inputs(one_hot[n], 0.1) for n in ("linear1", "linear2")
+    }
     assert set(saved["recon"]) == {"unmasked", "ci", "rounded", "stochastic", "zero", "random"}
     assert saved["mmcs"] == s["mmcs"] and 0.0 <= s["mmcs"] <= 1.0
     report = (out / "report.md").read_text()
     assert "![losses](plots/losses.png)" in report
+    err, clean = saved["identity_ci_error"]["linear1"], saved["one_hot_clean"]["linear1"]
+    assert f"identity `linear1` {err} ({clean} clean inputs)" in report
     assert "paper Table 1: MMCS 1.000, ML2R 0.993 ± 0.002)" in report  # this target's row
 
 

@@ -121,15 +121,20 @@ def _summary(**extra):
 
 
 def test_summary_lines_of_old_and_new_summaries():
-    """``spd eval`` / ``--resume`` print saved summaries: one from before ``one_hot_active`` and
-    ``neuron_contributions`` still prints; a new one shows both, NaN saved as "nan" included."""
+    """``spd eval`` / ``--resume`` print saved summaries: one from before ``one_hot_active``,
+    ``one_hot_clean`` and ``neuron_contributions`` still prints; a new one shows them, NaN saved
+    as "nan" included, clean counts only beside the identity-pattern layers."""
     from sparselens.spd.cli_commands import summary_lines
 
     old = summary_lines(_summary())
     assert "  CI-L0 per layer (subcomponents non-negligible): a 1.500 (3)" in old
     assert not any("neuron contributions" in line for line in old)
+    errors = dict(identity_ci_error={"a": 4}, dense_ci_error={"b": 1}, ci_error_total=5)
+    assert "  one-hot CI error (tol 0.1): a 4, b 1; total 5" in summary_lines(_summary(**errors))
     new = summary_lines(
         _summary(
+            **errors,
+            one_hot_clean={"a": 7},
             one_hot_active={"a": 2},
             neuron_contributions={"a": {"slope": 0.96612, "r2": "nan"}},
         )
@@ -137,3 +142,4 @@ def test_summary_lines_of_old_and_new_summaries():
     what = "non-negligible / active on one-hot inputs"
     assert f"  CI-L0 per layer (subcomponents {what}): a 1.500 (3 / 2)" in new
     assert "  neuron contributions vs the target (slope / R² about y = x): a 0.966 / nan" in new
+    assert "  one-hot CI error (tol 0.1): a 4 (7 clean), b 1; total 5" in new

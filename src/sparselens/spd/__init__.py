@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "NeuronContributions": "metrics",
     "subcomponent_norms": "metrics",
     "count_active": "metrics",
+    "clean_inputs": "metrics",
     "count_non_negligible": "metrics",
     "identity_ci_error": "metrics",
     "dense_ci_error": "metrics",

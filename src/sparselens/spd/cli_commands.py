@@ -269,7 +269,10 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     lines.append(f"  CI-L0 per layer (subcomponents {what}): {per_layer}")
     if "identity_ci_error" in s:
         errs = {**s["identity_ci_error"], **s["dense_ci_error"]}
-        detail = ", ".join(f"{k} {v}" for k, v in errs.items())
+        clean = s.get("one_hot_clean", {})  # absent in summaries from before it
+        detail = ", ".join(
+            f"{k} {v}" + (f" ({clean[k]} clean)" if k in clean else "") for k, v in errs.items()
+        )
         lines.append(f"  one-hot CI error (tol 0.1): {detail}; total {s['ci_error_total']}")
     contrib = s.get("neuron_contributions")
     if contrib:

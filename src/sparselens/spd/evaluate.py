@@ -246,6 +246,11 @@ def _toy_metrics(
     kinds = {p.module: p.kind for p in patterns}
     m = result.metrics
     m["one_hot_active"] = {n: M.count_active(c, CI_THRESHOLD) for n, c in one_hot.items()}
+    m["one_hot_clean"] = {
+        p.module: M.clean_inputs(one_hot[p.module], CI_THRESHOLD)
+        for p in patterns
+        if p.kind == "identity"
+    }
     for tol, suffix in ((0.1, ""), (0.2, "_0p2")):
         errs = pattern_errors(patterns, one_hot, tol)
         m[f"identity_ci_error{suffix}"] = {k: v for k, v in errs.items() if kinds[k] == "identity"}

@@ -16,7 +16,8 @@ Components follow the :class:`~sparselens.spd.components.LinearComponents` layou
 * :func:`unit_alignment` / :func:`unit_gated_ci`: whether subcomponents read single input units
   (e.g. one ReLU neuron each for a ResidMLP ``mlp_out``) and whether their CI is on exactly when
   that unit fires -- the measured form of "which basis did ``W_out`` split into".
-* :func:`count_active`: subcomponents with CI above ``tol`` on some one-hot input.
+* :func:`count_active`: subcomponents with CI above ``tol`` on some one-hot input;
+  :func:`clean_inputs`: inputs with a fully-on subcomponent of their own and nothing else on.
 * :func:`neuron_contributions`: ResidMLP neuron contributions of the target against each
   feature's best ``W_in`` subcomponent (paper Figs 7 and 10).
 
@@ -204,6 +205,23 @@ def count_active(ci: Tensor, tol: float = 0.1) -> int:
     ci = _check_ci_matrix(ci)
     t = check_number("tol", tol, ge=0.0, lt=1.0)
     return int((ci > t).any(dim=0).sum())
+
+
+def clean_inputs(ci: Tensor, tol: float = 0.1) -> int:
+    """Inputs of the one-hot CI matrix ``ci`` (n_inputs, C) with a subcomponent of their own:
+    exactly one entry ``>= 1 - tol`` in the row, every other entry ``<= tol``, and that
+    subcomponent ``<= tol`` on every other input. Where :func:`identity_ci_error` counts wrong
+    entries, this counts the inputs the identity pattern already holds for (all of them at error
+    0); a subcomponent shared by several inputs makes none of them clean."""
+    ci = _check_ci_matrix(ci)
+    t = check_number("tol", tol, ge=0.0, lt=0.5)
+    strong = ci >= 1.0 - t
+    on = ci > t
+    own = strong.sum(dim=1) == 1
+    only = on.sum(dim=1) == 1  # the strong entry is the row's only one above tol
+    col = strong.to(torch.int64).argmax(dim=1)
+    alone = on.sum(dim=0)[col] == 1  # ... and its column is on for no other input
+    return int((own & only & alone).sum())
 
 
 def dense_ci_error(ci: Tensor, k: int, tol: float = 0.1, min_entries: int = 1) -> int:
@@ -420,6 +438,7 @@ __all__ = [
     "UnitGatedCI",
     "ci_l0",
     "ci_per_unit",
+    "clean_inputs",
     "column_cosines",
     "count_active",
     "count_non_negligible",

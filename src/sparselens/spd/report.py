@@ -268,7 +268,11 @@ def report_markdown(config: SPDRunConfig, s: dict[str, Any], plots: list[str]) -
         )
     lines.append("")
     if "identity_ci_error" in m:
-        parts = [f"identity `{k}` {v}" for k, v in m["identity_ci_error"].items()]
+        clean = m.get("one_hot_clean", {})
+        parts = [
+            f"identity `{k}` {v}" + (f" ({clean[k]} clean inputs)" if k in clean else "")
+            for k, v in m["identity_ci_error"].items()
+        ]
         parts += [f"dense `{k}` {v}" for k, v in m["dense_ci_error"].items()]
         parts02 = [f"{v}" for v in m["identity_ci_error_0p2"].values()]
         parts02 += [f"{v}" for v in m["dense_ci_error_0p2"].values()]
