@@ -485,6 +485,7 @@ def test_resid_run_resumes_and_loads_from_its_own_target_copy(tmp_path, monkeypa
     assert set(contrib) == {"slope", "r2"} and all(math.isfinite(v) for v in contrib.values())
     assert "`layers.0.mlp_in` neuron contributions" in (out / "report.md").read_text()
     assert (out / "plots" / "neuron_contributions.png").stat().st_size > 0
+    assert set(summary["one_hot_clean"]) == {"layers.0.mlp_in"}  # identity patterns only
     model, _, task = load_run(out)
     x = task.sample(8, torch.Generator().manual_seed(0))
     assert model.target_output(x)[0].shape == (8, 100)
