@@ -11,10 +11,10 @@ histograms, and
   DenseCIError at tolerance 0.1 and 0.2 (Hungarian matching), the subcomponents active on some
   one-hot input, the inputs of each identity-pattern matrix that already hold the pattern
   (``one_hot_clean``), subcomponent norms and the number of non-negligible subcomponents (norm >
-  0.1 x the largest); for TMS MMCS / ML2R of every decomposed matrix against the target's columns (the
-  paper's number is ``linear1``'s, W_in); for ResidMLP whether each ``mlp_out`` subcomponent
-  reads one ReLU neuron and is on when it fires (``mlp_out_neurons``), and the neuron
-  contributions of each ``mlp_in`` (``neuron_contributions``, paper Figs 7 and 10);
+  0.1 x the largest); for TMS MMCS / ML2R of every decomposed matrix against the target's
+  columns (the paper's number is ``linear1``'s, W_in); for ResidMLP whether each ``mlp_out``
+  subcomponent reads one ReLU neuron and is on when it fires (``mlp_out_neurons``), and the
+  neuron contributions of each ``mlp_in`` (``neuron_contributions``, paper Figs 7 and 10);
 * language models: next-token cross-entropy of the target and under CI / unmasked / rounded /
   zero / random masks, KL to the target, and CE unrecovered
   ``(CE_mask - CE_target) / (CE_zero - CE_target)``.
