@@ -92,6 +92,30 @@ def test_failure_at_replace_keeps_the_old_file(tmp_path, monkeypatch):
     assert _tmp_files(tmp_path) == []
 
 
+def test_an_interrupt_as_the_temp_file_is_created_leaves_no_temp_file(tmp_path, monkeypatch):
+    """SIGTERM/SIGINT become exceptions (``train.signals``) that can land between the temp file's
+    creation and the cleanup handler being in place. Simulated by an interrupt right after the
+    file is created, before its descriptor is returned. Catches naming the temp file only once
+    ``mkstemp`` returns (the interrupt then strands ``.<name>.<random>.tmp``: a flaky CLI test)."""
+    target = tmp_path / "state.json"
+    atomic_write_json(target, {"v": 1})
+    real_open = os.open
+
+    def interrupted_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_CREAT:
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(os, "open", interrupted_open)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(target, {"v": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    assert json.loads(target.read_text()) == {"v": 1}
+
+
 def test_a_killed_write_leaves_only_a_hidden_temp_file_that_cleanup_removes(tmp_path):
     target = tmp_path / "report.md"
     atomic_write_text(target, "v1")

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -53,9 +53,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=TEMP_SUFFIX, dir=dest.parent)
-    tmp = Path(tmp_name)
+    # Named before it exists, so that an interrupt (signals become exceptions) landing as the file
+    # is created still finds the name to remove; mkstemp names it only after creating it.
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if mode == "w":
             f: IO[Any] = open(fd, "w", encoding="utf-8", newline="\n")
         else:
