@@ -1,12 +1,12 @@
 """``sparselens spd run <name|file.yaml>``: one SPD run from a bundled config or a YAML file.
 
 The config is a bundled name (``tms_5-2``, ``tms_5-2_id``, ``tms_40-10``, ``tms_40-10_id``,
-``resid_mlp1/2/3``, ``minigpt_mlp``) or a YAML file of :class:`~sparselens.spd.config.SPDRunConfig`
-settings. Every scalar setting is also a flag (``--steps``, ``--batch-size``, ``--seed``, ...;
-``--lr`` sets the peak learning rate, keeping the schedule's shape), and ``--set KEY=VALUE``
-(repeatable) sets any nested setting, the value read as YAML
-(``--set losses.importance_minimality.coeff=1e-3``). Flags win over ``--set``, which wins over the
-file. ``--resume --out DIR`` continues a run with its saved settings.
+``resid_mlp1/2/3``, ``resid_mlp3_reference``, ``minigpt_mlp``) or a YAML file of
+:class:`~sparselens.spd.config.SPDRunConfig` settings. Every scalar setting is also a flag
+(``--steps``, ``--batch-size``, ``--seed``, ...; ``--lr`` sets the peak learning rate, keeping the
+schedule's shape), and ``--set KEY=VALUE`` (repeatable) sets any nested setting, the value read as
+YAML (``--set losses.importance_minimality.coeff=1e-3``). Flags win over ``--set``, which wins
+over the file. ``--resume --out DIR`` continues a run with its saved settings.
 """
 
 from __future__ import annotations

@@ -193,6 +193,7 @@ CONFIG_NAMES = (
     "resid_mlp1",
     "resid_mlp2",
     "resid_mlp3",
+    "resid_mlp3_reference",
     "minigpt_mlp",
 )
 
